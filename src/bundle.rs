@@ -1,0 +1,300 @@
+//! The bundle: a directory of exported encoders tied together by `bundle.toml`.
+//! The format is specified in `docs/FORMATS.md` §1.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+pub const MANIFEST_FILE: &str = "bundle.toml";
+pub const BUNDLE_FORMAT: &str = "cac-edge-bundle";
+pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: cannot read the bundle manifest: {source}; a bundle directory holds bundle.toml (see docs/FORMATS.md), written by onnx/export.py")]
+    ManifestRead { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid bundle manifest: {message}")]
+    ManifestInvalid { path: PathBuf, message: String },
+    #[error("{path}: file named in the bundle manifest is missing; re-export the bundle with onnx/export.py")]
+    FileMissing { path: PathBuf },
+    #[error("{path}: cannot read: {source}")]
+    FileRead { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path}: content does not match the sha256 in bundle.toml (expected {expected}, found {actual}); \
+         the file was changed after export: re-export the bundle, or restore the file"
+    )]
+    HashMismatch { path: PathBuf, expected: String, actual: String },
+}
+
+/// `bundle.toml`, as written by `onnx/export.py`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub embed_dim: usize,
+    pub preprocess: PreprocessSection,
+    pub text: TextSection,
+    pub zero_shot: ModelSection,
+    pub fine_tuned: ModelSection,
+    pub files: BTreeMap<String, String>,
+    #[serde(default)]
+    pub calibration: Option<CalibrationSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSection {
+    pub image_size: u32,
+    pub interpolation: String,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSection {
+    pub tokenizer: String,
+    pub context_length: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Required for the zero-shot model; absent for a fine-tuned model that shares it.
+    #[serde(default)]
+    pub image_encoder: Option<String>,
+    pub text_encoder: String,
+    pub template: String,
+    pub logit_scale: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSection {
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// An opened, validated bundle. Opening reads only the manifest; the encoders are opened by
+/// [`crate::encode`] and file contents are hashed by [`Bundle::verify_files`].
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Bundle {
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|source| BundleError::ManifestRead { path: manifest_path.clone(), source })?;
+        let invalid = |message: String| BundleError::ManifestInvalid { path: manifest_path.clone(), message };
+        let manifest: Manifest = toml::from_str(&text).map_err(|error| invalid(error.to_string()))?;
+        validate_manifest(&manifest).map_err(invalid)?;
+        let bundle = Bundle { dir: dir.to_path_buf(), manifest };
+        for name in bundle.manifest.files.keys() {
+            let path = bundle.dir.join(name);
+            if !path.is_file() {
+                return Err(BundleError::FileMissing { path });
+            }
+        }
+        Ok(bundle)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn embed_dim(&self) -> usize {
+        self.manifest.embed_dim
+    }
+
+    pub fn preprocess(&self) -> &PreprocessSection {
+        &self.manifest.preprocess
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.text.tokenizer)
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.manifest.text.context_length
+    }
+
+    pub fn image_zs_path(&self) -> PathBuf {
+        // validate_manifest guarantees the zero-shot image encoder is named.
+        self.dir.join(self.manifest.zero_shot.image_encoder.as_deref().unwrap_or_default())
+    }
+
+    /// The fine-tuned image encoder, when the fine-tuned model has its own (MaPLe-style).
+    pub fn image_ft_path(&self) -> Option<PathBuf> {
+        self.manifest.fine_tuned.image_encoder.as_ref().map(|name| self.dir.join(name))
+    }
+
+    pub fn text_zs_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.zero_shot.text_encoder)
+    }
+
+    pub fn text_ft_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.fine_tuned.text_encoder)
+    }
+
+    /// The names (relative to the bundle) of every file the manifest lists.
+    pub fn file_names(&self) -> impl Iterator<Item = &str> {
+        self.manifest.files.keys().map(String::as_str)
+    }
+
+    /// Hashes the named files and compares them with the manifest's sha256.
+    pub fn verify_files<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<(), BundleError> {
+        for name in names {
+            let path = self.dir.join(name);
+            let expected = self.manifest.files.get(name).cloned().unwrap_or_default();
+            let actual = sha256_file(&path)?;
+            if actual != expected {
+                return Err(BundleError::HashMismatch { path, expected, actual });
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest-relative names of the files that inference (not cache building) reads.
+    pub fn runtime_file_names(&self) -> Vec<&str> {
+        let mut names = Vec::new();
+        names.extend(self.manifest.zero_shot.image_encoder.as_deref());
+        names.extend(self.manifest.fine_tuned.image_encoder.as_deref());
+        names
+    }
+
+    /// A digest of everything the text features depend on, as declared by the manifest (file
+    /// hashes, templates, scales, tokenizer settings). Cheap: nothing is read but the manifest.
+    pub fn fingerprint(&self) -> String {
+        let manifest = &self.manifest;
+        let mut text = String::new();
+        let _ = writeln!(text, "bundle-format {}", manifest.format_version);
+        let _ = writeln!(text, "embed_dim {}", manifest.embed_dim);
+        let _ = writeln!(text, "context_length {}", manifest.text.context_length);
+        for (role, model) in [("zero_shot", &manifest.zero_shot), ("fine_tuned", &manifest.fine_tuned)] {
+            let _ = writeln!(text, "{role} template {:?} logit_scale {:?}", model.template, model.logit_scale);
+            let _ = writeln!(text, "{role} image {:?} text {:?}", model.image_encoder, model.text_encoder);
+        }
+        for (name, hash) in &manifest.files {
+            let _ = writeln!(text, "file {name:?} {hash}");
+        }
+        hex(&Sha256::digest(text.as_bytes()))
+    }
+}
+
+fn validate_manifest(manifest: &Manifest) -> Result<(), String> {
+    if manifest.format != BUNDLE_FORMAT {
+        return Err(format!("format is '{}', expected '{BUNDLE_FORMAT}'", manifest.format));
+    }
+    if manifest.format_version != BUNDLE_FORMAT_VERSION {
+        return Err(format!(
+            "format_version {} is not supported by this cac-edge (supports {BUNDLE_FORMAT_VERSION}); re-export the bundle with the matching onnx/export.py",
+            manifest.format_version
+        ));
+    }
+    if manifest.embed_dim == 0 || manifest.text.context_length < 2 || manifest.preprocess.image_size == 0 {
+        return Err("embed_dim, image_size must be positive and context_length at least 2".into());
+    }
+    if manifest.preprocess.interpolation != "bicubic" {
+        return Err(format!("interpolation '{}' is not supported (only bicubic)", manifest.preprocess.interpolation));
+    }
+    if manifest.preprocess.std.iter().any(|value| !value.is_finite() || *value <= 0.0) {
+        return Err("preprocess.std values must be positive".into());
+    }
+    if manifest.zero_shot.image_encoder.is_none() {
+        return Err("[zero_shot] must name image_encoder".into());
+    }
+    for (role, model) in [("zero_shot", &manifest.zero_shot), ("fine_tuned", &manifest.fine_tuned)] {
+        if model.template.matches("{}").count() != 1 {
+            return Err(format!("[{role}] template '{}' must contain exactly one {{}}", model.template));
+        }
+        if !model.logit_scale.is_finite() || model.logit_scale <= 0.0 {
+            return Err(format!("[{role}] logit_scale must be a positive number"));
+        }
+    }
+    for name in referenced_files(manifest) {
+        if !is_plain_relative(name) {
+            return Err(format!("file name '{name}' must be relative and stay inside the bundle directory"));
+        }
+        if !manifest.files.contains_key(name) {
+            return Err(format!("'{name}' has no sha256 entry in [files]"));
+        }
+    }
+    Ok(())
+}
+
+fn referenced_files(manifest: &Manifest) -> Vec<&str> {
+    let mut names = vec![manifest.text.tokenizer.as_str(), &manifest.zero_shot.text_encoder, &manifest.fine_tuned.text_encoder];
+    names.extend(manifest.zero_shot.image_encoder.as_deref());
+    names.extend(manifest.fine_tuned.image_encoder.as_deref());
+    names
+}
+
+fn is_plain_relative(name: &str) -> bool {
+    let path = Path::new(name);
+    !name.is_empty() && path.components().all(|component| matches!(component, Component::Normal(_)))
+}
+
+/// Lower-case hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
+    let read_error = |source| BundleError::FileRead { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let count = file.read(&mut buffer).map_err(read_error)?;
+        if count == 0 {
+            break;
+        }
+        hasher.update(&buffer[..count]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut text, byte| {
+        let _ = write!(text, "{byte:02x}");
+        text
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_must_stay_inside_the_bundle() {
+        assert!(is_plain_relative("image_zs.onnx"));
+        assert!(is_plain_relative("models/image_zs.onnx"));
+        assert!(!is_plain_relative("../image_zs.onnx"));
+        assert!(!is_plain_relative("/etc/passwd"));
+        assert!(!is_plain_relative(""));
+    }
+
+    #[test]
+    fn hex_is_lowercase_and_padded() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xab]), "000fab");
+        // sha256("") from any reference implementation.
+        assert_eq!(hex(&Sha256::digest(b"")), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    }
+}

@@ -1,0 +1,22 @@
+//! cac-edge: calibrated open-vocabulary CLIP classification for edge devices.
+//!
+//! The data path, one module per stage:
+//! decode/preprocess ([`preprocess`]) → encode ([`runtime`], [`encode`]) → text-feature cache
+//! ([`cache`]) → logits ([`logits`]) → calibrate ([`calibrate`]) → decide ([`decide`]) →
+//! report ([`report`]). [`pipeline::Classifier`] ties them together: open a bundle and a cache
+//! once, classify many images or frames.
+
+pub mod bundle;
+pub mod cache;
+pub mod calibrate;
+pub mod decide;
+pub mod encode;
+pub mod logits;
+pub mod pipeline;
+pub mod preprocess;
+pub mod report;
+pub mod runtime;
+pub mod tokenize;
+
+#[cfg(target_endian = "big")]
+compile_error!("cac-edge reads little-endian safetensors caches in place and supports little-endian targets only");

@@ -1,0 +1,377 @@
+//! `cac-edge`: the command line over the `cac_edge` library.
+//!
+//! Exit codes: 0 every image classified; 1 some images failed (the others are reported);
+//! 2 nothing could run (bad arguments, bundle, cache or ONNX Runtime library).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use cac_edge::bundle::Bundle;
+use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
+use cac_edge::calibrate::{CacParams, Calibration, ContrastDistance, CAC_PAPER_ALPHA, CAC_PAPER_K, CAC_PROBS_DEFAULT_K};
+use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
+use cac_edge::preprocess::DecodeLimits;
+use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
+use cac_edge::runtime::{Device, Runtime, SessionOptions};
+
+#[derive(Parser)]
+#[command(name = "cac-edge", version, about = "Calibrated open-vocabulary CLIP classification on edge devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build or inspect the text-feature cache of a bundle and a class list.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Classify images: one JSON line per image on stdout, a summary on stderr.
+    Classify(ClassifyArgs),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Encode every class name with both text encoders and write the cache.
+    Build(CacheBuildArgs),
+    /// Print what a cache holds.
+    Info {
+        #[arg(long)]
+        cache: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RuntimeArgs {
+    /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, then beside the executable, then
+    /// ~/.local/share/cac-edge/onnxruntime/<arch>/, where scripts/setup-onnxruntime installs it).
+    #[arg(long, global = true)]
+    ort_lib: Option<PathBuf>,
+    /// Execution provider: cpu, cuda, tensorrt, or auto (TensorRT, else CUDA, else CPU).
+    #[arg(long, default_value = "auto", global = true)]
+    device: Device,
+    /// Intra-op threads (default: ONNX Runtime's choice, one per physical core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// CUDA/TensorRT device id.
+    #[arg(long, default_value_t = 0, global = true)]
+    gpu: i32,
+    /// TensorRT: build FP16 engines.
+    #[arg(long, global = true)]
+    tensorrt_fp16: bool,
+    /// TensorRT: directory for built engines (kept across runs).
+    #[arg(long, global = true)]
+    tensorrt_cache: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            device: self.device,
+            intra_threads: self.threads,
+            cuda_device_id: self.gpu,
+            tensorrt_fp16: self.tensorrt_fp16,
+            tensorrt_engine_cache: self.tensorrt_cache.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct CacheBuildArgs {
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Deployed class names, one per line.
+    #[arg(long)]
+    classes: PathBuf,
+    /// Base classes (those the fine-tuned model was trained on), one per line.
+    #[arg(long)]
+    base: PathBuf,
+    /// Where to write the cache (default: calibration-cache/<bundle name>.safetensors).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    None,
+    Cac,
+    Ts,
+    Dac,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DistanceArg {
+    Logits,
+    Probs,
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    cache: PathBuf,
+    /// Images or directories (searched recursively for image files).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Accept a prediction when its calibrated confidence is at least this.
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Calibration method (default: the bundle's, else cac).
+    #[arg(long, value_enum)]
+    calibration: Option<MethodArg>,
+    /// CAC: α, the weight at zero contrast.
+    #[arg(long, default_value_t = CAC_PAPER_ALPHA)]
+    cac_alpha: f64,
+    /// CAC: k of the exponential map (default 15 for logits, 2 for probs).
+    #[arg(long)]
+    cac_k: Option<f64>,
+    /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1).
+    #[arg(long, value_enum, default_value = "logits")]
+    cac_distance: DistanceArg,
+    /// Advanced CAC: below λ1 the weight is α.
+    #[arg(long, requires = "cac_lambda2")]
+    cac_lambda1: Option<f64>,
+    /// Advanced CAC: above λ2 the weight is held at α·exp(−λ2/k).
+    #[arg(long, requires = "cac_lambda1")]
+    cac_lambda2: Option<f64>,
+    /// TS temperature (default: the one `eval` stored in the cache).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Images per encoder run.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Refuse images wider or taller than this before decoding them.
+    #[arg(long, default_value_t = DecodeLimits::default().max_width)]
+    max_image_side: u32,
+    /// Check that the cache was built for this class list (with --base).
+    #[arg(long, requires = "base")]
+    classes: Option<PathBuf>,
+    #[arg(long, requires = "classes")]
+    base: Option<PathBuf>,
+    /// Skip hashing the cache data and the image encoders at start-up.
+    #[arg(long)]
+    no_verify: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+impl ClassifyArgs {
+    fn calibration(&self) -> Option<Calibration> {
+        let method = self.calibration?;
+        Some(match method {
+            MethodArg::None => Calibration::None,
+            MethodArg::Dac => Calibration::Dac,
+            // NaN asks the pipeline for the temperature stored in the cache.
+            MethodArg::Ts => Calibration::Ts { temperature: self.temperature.unwrap_or(f64::NAN) },
+            MethodArg::Cac => {
+                let distance = match self.cac_distance {
+                    DistanceArg::Logits => ContrastDistance::Logits,
+                    DistanceArg::Probs => ContrastDistance::Probs,
+                };
+                let default_k = match distance {
+                    ContrastDistance::Logits => CAC_PAPER_K,
+                    ContrastDistance::Probs => CAC_PROBS_DEFAULT_K,
+                };
+                Calibration::Cac(CacParams {
+                    alpha: self.cac_alpha,
+                    k: self.cac_k.unwrap_or(default_k),
+                    distance,
+                    thresholds: self.cac_lambda1.zip(self.cac_lambda2),
+                })
+            }
+        })
+    }
+
+    fn options(&self) -> Result<ClassifierOptions> {
+        let expected_classes = match (&self.classes, &self.base) {
+            (Some(classes), Some(base)) => Some(ClassList::from_files(classes, base)?),
+            _ => None,
+        };
+        let limits = DecodeLimits { max_width: self.max_image_side, max_height: self.max_image_side, ..DecodeLimits::default() };
+        Ok(ClassifierOptions {
+            ort_library: self.runtime.ort_lib.clone(),
+            session: self.runtime.session_options(),
+            calibration: self.calibration(),
+            threshold: self.threshold,
+            top_k: self.top_k,
+            decode_limits: limits,
+            batch_size: self.batch_size,
+            cache: CacheOpenOptions { verify_checksum: !self.no_verify },
+            verify_bundle_files: !self.no_verify,
+            expected_classes,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Cache(CacheCommand::Build(args)) => cache_build(&args).map(|()| ExitCode::SUCCESS),
+        Command::Cache(CacheCommand::Info { cache }) => cache_info(&cache).map(|()| ExitCode::SUCCESS),
+        Command::Classify(args) => classify(&args),
+    };
+    outcome.unwrap_or_else(|error| {
+        eprintln!("error: {error:#}");
+        ExitCode::from(2)
+    })
+}
+
+fn cache_build(args: &CacheBuildArgs) -> Result<()> {
+    let bundle = Bundle::open(&args.bundle)?;
+    let classes = ClassList::from_files(&args.classes, &args.base)?;
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| Path::new("calibration-cache").join(format!("{}.safetensors", bundle.name())));
+    let runtime = Runtime::load(args.runtime.ort_lib.as_deref())?;
+    build_cache(&runtime, &bundle, &classes, &args.runtime.session_options(), &output)
+        .with_context(|| format!("building the cache {}", output.display()))?;
+    let base = classes.is_base.iter().filter(|&&base| base).count();
+    eprintln!(
+        "wrote {} ({} classes: {} base, {} new)",
+        output.display(),
+        classes.names.len(),
+        base,
+        classes.names.len() - base
+    );
+    println!("{}", output.display());
+    Ok(())
+}
+
+fn cache_info(path: &Path) -> Result<()> {
+    let cache = TextFeatureCache::open(path, CacheOpenOptions::default())?;
+    let mut metadata: Vec<_> = cache.metadata().iter().collect();
+    metadata.sort();
+    for (key, value) in metadata {
+        println!("{key}: {value}");
+    }
+    for (class, name) in cache.class_names().iter().enumerate() {
+        let kind = if cache.is_base(class) { "base" } else { "new" };
+        println!("class {class}: {name} ({kind}, dac factor {:.4})", cache.dac_factors()[class]);
+    }
+    Ok(())
+}
+
+fn classify(args: &ClassifyArgs) -> Result<ExitCode> {
+    let mut classifier = Classifier::open(&args.bundle, &args.cache, args.options()?)?;
+    if let Some(reason) = &classifier.device().fallback_reason {
+        eprintln!("note: {reason}");
+    }
+    let context = RecordContext {
+        calibration: classifier.calibration().name(),
+        device: classifier.device().name,
+        threshold: classifier.threshold(),
+    };
+    let (paths, missing) = expand_inputs(&args.inputs);
+    let mut summary = Summary::default();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_error = None;
+    for path in &missing {
+        summary.record(None);
+        let failure = FailureRecord { path: path.display().to_string(), error: "no such file or directory".into() };
+        eprintln!("{}: no such file or directory; check the path", path.display());
+        write_json_line(&mut out, &failure).context("writing results to stdout")?;
+    }
+    classifier.classify_files(&paths, |path, outcome| {
+        let written = match outcome {
+            Ok(prediction) => {
+                summary.record(Some(prediction.decision));
+                write_json_line(&mut out, &context.record(path, prediction))
+            }
+            Err(error) => {
+                summary.record(None);
+                eprintln!("{error}");
+                write_json_line(&mut out, &FailureRecord { path: path.display().to_string(), error: error.to_string() })
+            }
+        };
+        if let Err(error) = written {
+            write_error.get_or_insert(error);
+        }
+    });
+    if let Some(error) = write_error {
+        return Err(error).context("writing results to stdout");
+    }
+    eprintln!("{summary} (calibration {}, device {})", context.calibration, context.device);
+    Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// What every JSON line repeats about the run.
+struct RecordContext {
+    calibration: &'static str,
+    device: &'static str,
+    threshold: f64,
+}
+
+impl RecordContext {
+    fn record(&self, path: &Path, prediction: Prediction) -> PredictionRecord {
+        PredictionRecord {
+            path: path.display().to_string(),
+            label: prediction.label,
+            base: prediction.is_base,
+            confidence: prediction.confidence,
+            uncalibrated_confidence: prediction.uncalibrated_confidence,
+            decision: prediction.decision,
+            threshold: self.threshold,
+            calibration: self.calibration,
+            weight: prediction.weight,
+            contrast: prediction.contrast,
+            top_k: prediction
+                .top_k
+                .into_iter()
+                .map(|ranked| Ranked { label: ranked.label, confidence: ranked.confidence })
+                .collect(),
+            device: self.device,
+        }
+    }
+}
+
+const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "jfif"];
+
+/// Files are taken as given (whatever their extension: the content decides); directories are
+/// searched recursively for files with image extensions, in sorted order. Returns the files and
+/// the inputs that do not exist.
+fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut files = Vec::new();
+    let mut missing = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            collect_images(input, &mut files);
+        } else if input.exists() {
+            files.push(input.clone());
+        } else {
+            missing.push(input.clone());
+        }
+    }
+    (files, missing)
+}
+
+fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        eprintln!("warning: cannot read directory {}", dir.display());
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
+    paths.sort();
+    for path in paths {
+        if path.is_dir() {
+            collect_images(&path, files);
+        } else if has_image_extension(&path) {
+            files.push(path);
+        }
+    }
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|extension| extension.to_str())
+        .is_some_and(|extension| IMAGE_EXTENSIONS.contains(&extension.to_ascii_lowercase().as_str()))
+}

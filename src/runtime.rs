@@ -1,0 +1,310 @@
+//! ONNX Runtime: finding and loading the shared library, and creating sessions on the
+//! requested execution provider.
+//!
+//! ONNX Runtime allows one library and one environment per process (ort enforces it), so the
+//! loaded [`Runtime`] is the one piece of process-wide state in cac-edge: [`Runtime::load`]
+//! returns the same `Arc` to every caller, and refuses a second, different library path.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+
+/// Environment variable naming the ONNX Runtime shared library (ort's own convention).
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// File name of the library on this platform.
+#[cfg(target_os = "macos")]
+pub const LIBRARY_FILE: &str = "libonnxruntime.dylib";
+#[cfg(target_os = "windows")]
+pub const LIBRARY_FILE: &str = "onnxruntime.dll";
+#[cfg(not(any(target_os = "macos", target_os = "windows")))]
+pub const LIBRARY_FILE: &str = "libonnxruntime.so";
+
+const HOW_TO_GET_LIBRARY: &str = "run `scripts/setup-onnxruntime` (it fetches the PyPI onnxruntime wheel and installs \
+     the library in the default location), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so \
+     (ONNX Runtime 1.17 or newer; a JetPack build for CUDA/TensorRT on Jetson)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("ONNX Runtime library not found (looked in: {searched}); {HOW_TO_GET_LIBRARY}")]
+    LibraryNotFound { searched: String },
+    #[error("could not load the ONNX Runtime library {path}: {message}; {HOW_TO_GET_LIBRARY}")]
+    LibraryLoad { path: PathBuf, message: String },
+    #[error(
+        "ONNX Runtime is already loaded from {loaded} in this process; cannot also load {requested} \
+         (ONNX Runtime allows one library per process)"
+    )]
+    AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
+    #[error(
+        "execution provider {provider} was requested but the ONNX Runtime library at {library} does not provide it \
+         (available: {available}); use --device cpu or auto, or install an ONNX Runtime build with {provider}"
+    )]
+    ProviderUnavailable { provider: &'static str, library: PathBuf, available: String },
+    #[error("could not create an ONNX Runtime session for {path}: {message}")]
+    Session { path: PathBuf, message: String },
+}
+
+/// Which execution provider sessions should run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    TensorRt,
+    /// TensorRT, else CUDA, else CPU; the choice is reported.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "tensorrt" | "trt" => Ok(Device::TensorRt),
+            "auto" => Ok(Device::Auto),
+            other => Err(format!("unknown device '{other}': expected cpu, cuda, tensorrt or auto")),
+        }
+    }
+}
+
+/// The provider a session actually runs on, and why (for every output and log line).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChosenDevice {
+    /// "cpu", "cuda" or "tensorrt".
+    pub name: &'static str,
+    /// Set when `auto` fell back from a GPU provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+}
+
+/// How sessions are created: device, threads and GPU provider options.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub device: Device,
+    /// Intra-op threads; `None` lets ONNX Runtime decide (all physical cores).
+    pub intra_threads: Option<usize>,
+    pub cuda_device_id: i32,
+    pub tensorrt_fp16: bool,
+    /// Where TensorRT keeps built engines; `None` disables the engine cache.
+    pub tensorrt_engine_cache: Option<PathBuf>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            device: Device::Auto,
+            intra_threads: None,
+            cuda_device_id: 0,
+            tensorrt_fp16: false,
+            tensorrt_engine_cache: None,
+        }
+    }
+}
+
+/// The loaded ONNX Runtime library and its environment.
+pub struct Runtime {
+    environment: ort::environment::Environment,
+    library_path: PathBuf,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("library_path", &self.library_path).finish()
+    }
+}
+
+static LOADED: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
+
+impl Runtime {
+    /// Loads ONNX Runtime from `explicit` (a `--ort-lib` flag) or the default search path (see
+    /// [`library_candidates`]), once per process.
+    pub fn load(explicit: Option<&Path>) -> Result<Arc<Runtime>, RuntimeError> {
+        let library_path = find_library(explicit)?;
+        let mut loaded = LOADED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(runtime) = loaded.as_ref() {
+            if same_file(&runtime.library_path, &library_path) {
+                return Ok(Arc::clone(runtime));
+            }
+            return Err(RuntimeError::AlreadyLoaded { loaded: runtime.library_path.clone(), requested: library_path });
+        }
+        let environment = ort::init_from(&library_path)
+            .map_err(|error| RuntimeError::LibraryLoad { path: library_path.clone(), message: error.to_string() })?
+            .with_name("cac-edge")
+            .with_telemetry(false)
+            .build()
+            .map_err(|error| RuntimeError::LibraryLoad { path: library_path.clone(), message: error.to_string() })?;
+        let runtime = Arc::new(Runtime { environment, library_path });
+        *loaded = Some(Arc::clone(&runtime));
+        Ok(runtime)
+    }
+
+    pub fn library_path(&self) -> &Path {
+        &self.library_path
+    }
+
+    /// ONNX Runtime's build string (version, commit, flags).
+    pub fn build_info(&self) -> &'static str {
+        ort::info()
+    }
+
+    /// Execution providers compiled into the loaded library, by ONNX Runtime name.
+    pub fn available_providers(&self) -> Vec<&'static str> {
+        let mut names = vec!["CPUExecutionProvider"];
+        if ep::CUDA::is_available().unwrap_or(false) {
+            names.push(ep::CUDA::NAME);
+        }
+        if ep::TensorRT::is_available().unwrap_or(false) {
+            names.push(ep::TensorRT::NAME);
+        }
+        names
+    }
+
+    /// Creates a session for `model` on the provider `options` asks for.
+    pub fn session(&self, model: &Path, options: &SessionOptions) -> Result<(Session, ChosenDevice), RuntimeError> {
+        let session_error = |error: ort::Error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() };
+        let chosen = self.choose_device(options.device)?;
+        let mut builder = Session::builder(&self.environment)
+            .map_err(session_error)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|error| session_error(error.into()))?;
+        if let Some(threads) = options.intra_threads {
+            builder = builder.with_intra_threads(threads).map_err(|error| session_error(error.into()))?;
+        }
+        let providers = provider_list(chosen.name, options);
+        if !providers.is_empty() {
+            builder = builder.with_execution_providers(providers).map_err(|error| session_error(error.into()))?;
+        }
+        let session = builder.commit_from_file(model).map_err(session_error)?;
+        Ok((session, chosen))
+    }
+
+    fn choose_device(&self, device: Device) -> Result<ChosenDevice, RuntimeError> {
+        let cuda = ep::CUDA::is_available().unwrap_or(false);
+        let tensorrt = ep::TensorRT::is_available().unwrap_or(false);
+        let unavailable = |provider| RuntimeError::ProviderUnavailable {
+            provider,
+            library: self.library_path.clone(),
+            available: self.available_providers().join(", "),
+        };
+        match device {
+            Device::Cpu => Ok(ChosenDevice { name: "cpu", fallback_reason: None }),
+            Device::Cuda if cuda => Ok(ChosenDevice { name: "cuda", fallback_reason: None }),
+            Device::Cuda => Err(unavailable(ep::CUDA::NAME)),
+            Device::TensorRt if tensorrt => Ok(ChosenDevice { name: "tensorrt", fallback_reason: None }),
+            Device::TensorRt => Err(unavailable(ep::TensorRT::NAME)),
+            Device::Auto if tensorrt => Ok(ChosenDevice { name: "tensorrt", fallback_reason: None }),
+            Device::Auto if cuda => Ok(ChosenDevice { name: "cuda", fallback_reason: None }),
+            Device::Auto => Ok(ChosenDevice {
+                name: "cpu",
+                fallback_reason: Some(format!(
+                    "auto: no TensorRT or CUDA execution provider in {}; running on CPU",
+                    self.library_path.display()
+                )),
+            }),
+        }
+    }
+}
+
+/// GPU providers are registered with `error_on_failure`, because ONNX Runtime otherwise falls
+/// back to CPU silently and the reported device would be a lie. TensorRT is followed by CUDA so
+/// that operators TensorRT cannot take still run on the GPU.
+fn provider_list(device: &str, options: &SessionOptions) -> Vec<ep::ExecutionProviderDispatch> {
+    let cuda = || ep::CUDA::default().with_device_id(options.cuda_device_id).build().error_on_failure();
+    match device {
+        "cuda" => vec![cuda()],
+        "tensorrt" => {
+            let mut tensorrt = ep::TensorRT::default()
+                .with_device_id(options.cuda_device_id)
+                .with_fp16(options.tensorrt_fp16);
+            if let Some(dir) = &options.tensorrt_engine_cache {
+                let dir = dir.display().to_string();
+                tensorrt = tensorrt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&dir)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&dir);
+            }
+            vec![tensorrt.build().error_on_failure(), cuda()]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Where cac-edge looks for the library when neither `--ort-lib` nor `ORT_DYLIB_PATH` names it
+/// (either of those is used exclusively), in order:
+/// 1. `libonnxruntime.so` beside the executable, then in `../lib` next to it (packaged installs);
+/// 2. the per-user default where `scripts/setup-onnxruntime` installs it:
+///    `$XDG_DATA_HOME/cac-edge/onnxruntime/<arch>/` (`~/.local/share/...` when unset).
+pub fn library_candidates() -> Vec<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        candidates.push(exe_dir.join(LIBRARY_FILE));
+        candidates.push(exe_dir.join("../lib").join(LIBRARY_FILE));
+    }
+    if let Some(data_dir) = user_data_dir() {
+        candidates.push(data_dir.join("cac-edge/onnxruntime").join(std::env::consts::ARCH).join(LIBRARY_FILE));
+    }
+    candidates
+}
+
+fn user_data_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|value| !value.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share"))
+}
+
+fn find_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
+    let from_env = std::env::var_os(ORT_DYLIB_ENV).filter(|value| !value.is_empty()).map(PathBuf::from);
+    if let Some(path) = explicit.map(Path::to_path_buf).or(from_env) {
+        // A flag or ORT_DYLIB_PATH is used as given, so a wrong one is reported, not silently
+        // replaced by another library found elsewhere.
+        // A relative path is tried beside the executable first, as ort itself does.
+        let beside_exe = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(&path)));
+        if let Some(found) = beside_exe.filter(|candidate| path.is_relative() && candidate.is_file()) {
+            return Ok(found);
+        }
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(RuntimeError::LibraryNotFound { searched: path.display().to_string() });
+    }
+    let candidates = library_candidates();
+    if let Some(found) = candidates.iter().find(|candidate| candidate.is_file()) {
+        return Ok(found.clone());
+    }
+    let searched = candidates.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", ");
+    Err(RuntimeError::LibraryNotFound { searched })
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!("CPU".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("trt".parse::<Device>(), Ok(Device::TensorRt));
+        assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
+        assert!("gpu".parse::<Device>().unwrap_err().contains("expected cpu, cuda, tensorrt or auto"));
+    }
+
+    #[test]
+    fn explicit_missing_library_is_an_error_not_a_panic() {
+        let error = find_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("/nonexistent/libonnxruntime.so"), "{message}");
+        assert!(message.contains("setup-onnxruntime"), "{message}");
+    }
+}
