@@ -4,12 +4,13 @@
 //! decode/preprocess ([`preprocess`]) → encode ([`runtime`], [`encode`]) → text-feature cache
 //! ([`cache`]) → logits ([`logits`]) → calibrate ([`calibrate`]) → decide ([`decide`]) →
 //! report ([`report`]). [`pipeline::Classifier`] ties them together: open a bundle and a cache
-//! once, classify many images or frames.
+//! once, classify many images or frames. [`doctor`] checks a box before it is trusted.
 
 pub mod bundle;
 pub mod cache;
 pub mod calibrate;
 pub mod decide;
+pub mod doctor;
 pub mod encode;
 pub mod logits;
 pub mod pipeline;

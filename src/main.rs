@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cac_edge::bundle::Bundle;
+use cac_edge::doctor::{self, DoctorRequest};
 use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
 use cac_edge::calibrate::{CacParams, Calibration, ContrastDistance, CAC_PAPER_ALPHA, CAC_PAPER_K, CAC_PROBS_DEFAULT_K};
 use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
@@ -31,6 +32,24 @@ enum Command {
     Cache(CacheCommand),
     /// Classify images: one JSON line per image on stdout, a summary on stderr.
     Classify(ClassifyArgs),
+    /// Check this box: ONNX Runtime, execution providers, CPU, bundle and cache.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    #[arg(long, requires = "bundle")]
+    cache: Option<PathBuf>,
+    /// The threshold classify will be run with (reported with the calibration).
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 #[derive(Subcommand)]
@@ -217,6 +236,7 @@ fn main() -> ExitCode {
         Command::Cache(CacheCommand::Build(args)) => cache_build(&args).map(|()| ExitCode::SUCCESS),
         Command::Cache(CacheCommand::Info { cache }) => cache_info(&cache).map(|()| ExitCode::SUCCESS),
         Command::Classify(args) => classify(&args),
+        Command::Doctor(args) => doctor(&args),
     };
     outcome.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -244,6 +264,33 @@ fn cache_build(args: &CacheBuildArgs) -> Result<()> {
     );
     println!("{}", output.display());
     Ok(())
+}
+
+fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
+    let request = DoctorRequest {
+        ort_library: args.runtime.ort_lib.clone(),
+        session: args.runtime.session_options(),
+        bundle: args.bundle.clone(),
+        cache: args.cache.clone(),
+        threshold: args.threshold,
+    };
+    let checks = doctor::examine(&request);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for check in &checks {
+            let status = match check.status {
+                doctor::Status::Ok => "ok  ",
+                doctor::Status::Warn => "WARN",
+                doctor::Status::Fail => "FAIL",
+            };
+            println!("[{status}] {}: {}", check.name, check.detail);
+            if let Some(fix) = &check.fix {
+                println!("       fix: {fix}");
+            }
+        }
+    }
+    Ok(if doctor::healthy(&checks) { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 fn cache_info(path: &Path) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
 use crate::calibrate::{calibrate, top_k, CacParams, Calibration, CalibrationError};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
-use crate::logits::{batch_logits, LogitScales};
+use crate::logits::{batch_logits, BatchLogits, LogitScales};
 use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig, PreprocessError};
 use crate::runtime::{ChosenDevice, Runtime, RuntimeError, SessionOptions};
 
@@ -167,19 +167,27 @@ impl Classifier {
 
     /// Classifies decoded RGB frames (a camera mode's entry point).
     pub fn classify_frames(&mut self, frames: &[RgbImage]) -> Result<Vec<Prediction>, PipelineError> {
-        let mut predictions = Vec::with_capacity(frames.len());
+        let logits = self.logits(frames)?;
+        logits
+            .fine_tuned
+            .outer_iter()
+            .zip(logits.zero_shot.outer_iter())
+            .map(|(ft, zs)| self.predict(&ft.to_vec(), &zs.to_vec()))
+            .collect()
+    }
+
+    /// Zero-shot and fine-tuned logits of decoded RGB frames, before calibration (what `eval`
+    /// needs to compare calibrators on the same forward passes).
+    pub fn logits(&mut self, frames: &[RgbImage]) -> Result<BatchLogits, PipelineError> {
+        let classes = self.cache.num_classes();
+        let mut all = BatchLogits { zero_shot: Array2::zeros((0, classes)), fine_tuned: Array2::zeros((0, classes)) };
         for (chunk_index, chunk) in frames.chunks(self.options.batch_size).enumerate() {
-            let mut pixels = Array4::<f32>::zeros((chunk.len(), 3, self.side(), self.side()));
-            for (slot, (frame, mut target)) in chunk.iter().zip(pixels.outer_iter_mut()).enumerate() {
-                let out = target.as_slice_mut().unwrap_or_default();
-                preprocess_into(frame, &self.preprocess, out).map_err(|source| PipelineError::Frame {
-                    index: chunk_index * self.options.batch_size + slot,
-                    source,
-                })?;
-            }
-            predictions.extend(self.classify_pixels(pixels)?);
+            let pixels = self.preprocess_batch(chunk, chunk_index * self.options.batch_size)?;
+            let logits = self.logits_of_pixels(pixels)?;
+            append_rows(&mut all.zero_shot, &logits.zero_shot)?;
+            append_rows(&mut all.fine_tuned, &logits.fine_tuned)?;
         }
-        Ok(predictions)
+        Ok(all)
     }
 
     /// Classifies image files, calling `report` once per path, in input order, as soon as each
@@ -215,33 +223,32 @@ impl Classifier {
         }
     }
 
-    fn side(&self) -> usize {
-        self.preprocess.image_size as usize
+    fn preprocess_batch(&self, frames: &[RgbImage], first_index: usize) -> Result<Array4<f32>, PipelineError> {
+        let side = self.preprocess.image_size as usize;
+        let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
+        for (slot, (frame, mut target)) in frames.iter().zip(pixels.outer_iter_mut()).enumerate() {
+            // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
+            // fallback makes preprocess_into report a size error rather than panic.
+            let out = target.as_slice_mut().unwrap_or_default();
+            preprocess_into(frame, &self.preprocess, out)
+                .map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
+        }
+        Ok(pixels)
     }
 
-    fn classify_pixels(&mut self, pixels: Array4<f32>) -> Result<Vec<Prediction>, PipelineError> {
+    fn logits_of_pixels(&mut self, pixels: Array4<f32>) -> Result<BatchLogits, PipelineError> {
         let image_zs = self.image_zs.encode_images(pixels.view())?;
         let image_ft: Option<Array2<f32>> = match self.image_ft.as_mut() {
             Some(encoder) => Some(encoder.encode_images(pixels.view())?),
             None => None,
         };
         let scales = LogitScales { zero_shot: self.cache.logit_scale_zs(), fine_tuned: self.cache.logit_scale_ft() };
-        let logits = batch_logits(
+        Ok(batch_logits(
             image_zs.view(),
             image_ft.as_ref().map(|embeds| embeds.view()),
             self.cache.stacked_text_features(),
             scales,
-        );
-        logits
-            .fine_tuned
-            .outer_iter()
-            .zip(logits.zero_shot.outer_iter())
-            .map(|(ft, zs)| {
-                let ft = ft.to_vec();
-                let zs = zs.to_vec();
-                self.predict(&ft, &zs)
-            })
-            .collect()
+        ))
     }
 
     fn predict(&self, fine_tuned: &[f32], zero_shot: &[f32]) -> Result<Prediction, PipelineError> {
@@ -269,6 +276,13 @@ impl Classifier {
     }
 }
 
+fn append_rows(all: &mut Array2<f32>, rows: &Array2<f32>) -> Result<(), PipelineError> {
+    for row in rows.outer_iter() {
+        all.push_row(row).map_err(|error| PipelineError::Batch(format!("logit rows disagree in length: {error}")))?;
+    }
+    Ok(())
+}
+
 fn take_ok(slot: &mut Result<RgbImage, PipelineError>) -> Option<RgbImage> {
     match slot {
         Ok(image) => Some(std::mem::take(image)),
@@ -283,7 +297,7 @@ pub fn preprocess_config(bundle: &Bundle) -> PreprocessConfig {
 
 /// Picks the calibration: the caller's, else the bundle's default method, else CAC with the
 /// paper's defaults. A TS temperature comes from the caller or the cache metadata.
-fn resolve_calibration(
+pub fn resolve_calibration(
     requested: Option<Calibration>,
     bundle: &Bundle,
     cache: &TextFeatureCache,

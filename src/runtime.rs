@@ -146,9 +146,30 @@ impl Runtime {
         &self.library_path
     }
 
-    /// ONNX Runtime's build string (version, commit, flags).
+    /// ONNX Runtime's build string (commit, flags).
     pub fn build_info(&self) -> &'static str {
         ort::info()
+    }
+
+    /// The library's own version string (e.g. "1.32.0"), which ort does not expose.
+    pub fn version(&self) -> Option<String> {
+        // SAFETY: the library is already loaded and initialised by ort (so opening it again only
+        // bumps its reference count); OrtGetApiBase and GetVersionString are the C API's stable
+        // entry points, take no arguments and return a static NUL-terminated string.
+        unsafe {
+            let library = libloading::Library::new(&self.library_path).ok()?;
+            let get_api_base: libloading::Symbol<'_, unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+                library.get(b"OrtGetApiBase").ok()?;
+            let base = get_api_base();
+            if base.is_null() {
+                return None;
+            }
+            let version = ((*base).GetVersionString)();
+            if version.is_null() {
+                return None;
+            }
+            Some(std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
+        }
     }
 
     /// Execution providers compiled into the loaded library, by ONNX Runtime name.
@@ -182,7 +203,8 @@ impl Runtime {
         Ok((session, chosen))
     }
 
-    fn choose_device(&self, device: Device) -> Result<ChosenDevice, RuntimeError> {
+    /// Which provider a session would run on for `device`, or why it cannot.
+    pub fn choose_device(&self, device: Device) -> Result<ChosenDevice, RuntimeError> {
         let cuda = ep::CUDA::is_available().unwrap_or(false);
         let tensorrt = ep::TensorRT::is_available().unwrap_or(false);
         let unavailable = |provider| RuntimeError::ProviderUnavailable {

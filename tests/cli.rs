@@ -1,0 +1,168 @@
+//! The `cac-edge` binary end to end: cache build, classify on real photos, odd image modes and
+//! bad inputs, exit codes, and the errors a field engineer meets first (no ONNX Runtime library,
+//! a GPU provider that is not there, a bundle file missing).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn cac_edge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cac-edge")).args(args).output().expect("run cac-edge")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn build_cache_cli(dir: &Path) -> String {
+    let cache = dir.join("cache.safetensors");
+    let output = cac_edge(&[
+        "cache", "build",
+        "--bundle", bundle_dir().to_str().unwrap(),
+        "--classes", fixture("classes.txt").to_str().unwrap(),
+        "--base", fixture("base.txt").to_str().unwrap(),
+        "--output", cache.to_str().unwrap(),
+        "--device", "cpu",
+    ]);
+    assert!(output.status.success(), "cache build failed: {}", text(&output.stderr));
+    cache.to_str().unwrap().to_string()
+}
+
+fn json_lines(output: &Output) -> Vec<Value> {
+    text(&output.stdout).lines().map(|line| serde_json::from_str(line).expect("one JSON object per line")).collect()
+}
+
+#[test]
+fn classify_reports_every_image_and_keeps_going_past_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let bundle = bundle_dir();
+    let output = cac_edge(&[
+        "classify", "--bundle", bundle.to_str().unwrap(), "--cache", &cache, "--device", "cpu",
+        "--threshold", "0.5", "--top-k", "2",
+        fixture("images/photos").to_str().unwrap(),
+        fixture("images/modes").to_str().unwrap(),
+        fixture("images/bad").to_str().unwrap(),
+        "/nonexistent/frame.jpg",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "some inputs are bad: exit 1\n{stderr}");
+    let lines = json_lines(&output);
+    let (failed, classified): (Vec<&Value>, Vec<&Value>) = lines.iter().partition(|line| line.get("error").is_some());
+
+    // Every photo and every odd-mode image (RGBA, LA, grayscale, 16-bit, palette…) classifies.
+    let good_inputs = ["images/photos", "images/modes"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(fixture(dir)).unwrap())
+        .count();
+    assert_eq!(classified.len(), good_inputs, "{stderr}");
+    for line in &classified {
+        let confidence = line["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&confidence));
+        assert_eq!(line["calibration"], "cac");
+        assert_eq!(line["device"], "cpu");
+        assert_eq!(line["decision"], if confidence >= 0.5 { "accept" } else { "abstain" });
+        assert_eq!(line["top_k"].as_array().unwrap().len(), 2);
+        assert_eq!(line["top_k"][0]["label"], line["label"]);
+        assert!(line["uncalibrated_confidence"].as_f64().is_some() && line["contrast"].as_f64().is_some());
+    }
+
+    // Every bad file is reported by name, with a reason, and the missing path too.
+    let bad_files = std::fs::read_dir(fixture("images/bad")).unwrap().count();
+    assert_eq!(failed.len(), bad_files + 1);
+    for line in &failed {
+        let path = line["path"].as_str().unwrap();
+        assert!(stderr.contains(path) || path.starts_with("/nonexistent"), "stderr names {path}");
+        assert!(!line["error"].as_str().unwrap().is_empty());
+    }
+    assert!(stderr.contains(&format!("{} failed", bad_files + 1)), "{stderr}");
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let photo = fixture("images/photos/chelsea.png");
+    for args in [
+        vec!["--ort-lib", "/nonexistent/libonnxruntime.so"],
+        vec![],
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cac-edge"));
+        command.args(["classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, photo.to_str().unwrap()]);
+        command.args(&args).env("ORT_DYLIB_PATH", "/also/nonexistent/libonnxruntime.so");
+        let output = command.output().unwrap();
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("nonexistent/libonnxruntime.so") && stderr.contains("scripts/setup-onnxruntime"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(output.stdout.is_empty());
+    }
+}
+
+#[test]
+fn gpu_providers_fail_clearly_when_asked_for_and_auto_falls_back_to_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let photo = fixture("images/photos/chelsea.png");
+    let run = |device: &str| {
+        cac_edge(&["classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, "--device", device, photo.to_str().unwrap()])
+    };
+    for (device, provider) in [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")] {
+        let output = run(device);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(provider) && stderr.contains("--device cpu"), "{stderr}");
+    }
+    let output = run("auto");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("running on CPU"));
+    assert_eq!(json_lines(&output)[0]["device"], "cpu");
+}
+
+#[test]
+fn image_size_limit_is_configurable_and_refuses_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let photo = fixture("images/photos/astronaut.png"); // 512 x 512
+    let output = cac_edge(&[
+        "classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, "--device", "cpu",
+        "--max-image-side", "256", photo.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = &json_lines(&output)[0];
+    assert!(line["error"].as_str().unwrap().contains("512"), "{line}");
+}
+
+#[test]
+fn a_bundle_with_a_missing_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = edited_bundle(dir.path(), |text| text + "\n");
+    std::fs::remove_file(bundle.join("text_ft.onnx")).unwrap();
+    let output = cac_edge(&[
+        "cache", "build", "--bundle", bundle.to_str().unwrap(),
+        "--classes", fixture("classes.txt").to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap(),
+        "--output", dir.path().join("c.safetensors").to_str().unwrap(),
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("text_ft.onnx") && stderr.contains("missing"), "{stderr}");
+    assert!(!dir.path().join("c.safetensors").exists());
+}
+
+#[test]
+fn class_list_errors_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = dir.path().join("classes.txt");
+    std::fs::write(&classes, "cat\ndog\ncat\n").unwrap();
+    let output = cac_edge(&[
+        "cache", "build", "--bundle", bundle_dir().to_str().unwrap(),
+        "--classes", classes.to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap(),
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains("classes.txt:3") && stderr.contains("listed twice"), "{stderr}");
+}
