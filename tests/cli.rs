@@ -166,3 +166,32 @@ fn class_list_errors_name_the_file_and_line() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr.contains("classes.txt:3") && stderr.contains("listed twice"), "{stderr}");
 }
+
+#[test]
+fn doctor_reports_library_providers_bundle_cache_and_calibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let bundle = bundle_dir();
+    let output = cac_edge(&["doctor", "--bundle", bundle.to_str().unwrap(), "--cache", &cache, "--threshold", "0.7", "--json"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let checks: Vec<Value> = serde_json::from_slice(&output.stdout).expect("doctor --json");
+    let check = |name: &str| checks.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} check"));
+    assert!(check("onnxruntime")["detail"].as_str().unwrap().contains("version 1."), "{checks:?}");
+    assert!(check("execution provider")["detail"].as_str().unwrap().contains("CPUExecutionProvider"));
+    assert_eq!(check("execution provider")["status"], "warn", "auto fell back to CPU here");
+    assert!(check("machine")["detail"].as_str().unwrap().contains(std::env::consts::ARCH));
+    assert_eq!(check("bundle files")["status"], "ok");
+    assert_eq!(check("image encoder (zero-shot)")["status"], "ok");
+    assert!(check("cache")["detail"].as_str().unwrap().contains("12 classes (6 base, 6 new)"), "{checks:?}");
+    let calibration = check("calibration")["detail"].as_str().unwrap();
+    assert!(calibration.starts_with("cac") && calibration.contains("0.7"), "{calibration}");
+
+    // Something required missing: non-zero exit, and the fix is named.
+    let stale = dir.path().join("stale.safetensors");
+    std::fs::write(&stale, b"not a cache").unwrap();
+    let output = cac_edge(&["doctor", "--bundle", bundle.to_str().unwrap(), "--cache", stale.to_str().unwrap(), "--device", "cuda"]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("[FAIL] execution provider") && stdout.contains("[FAIL] cache"), "{stdout}");
+    assert!(stdout.contains("fix: rebuild it: cac-edge cache build"), "{stdout}");
+}
