@@ -10,8 +10,21 @@ use std::process::{Command, Output};
 use common::*;
 use serde_json::Value;
 
+/// The binary under test; under emulation (cross/test) through the runner it names, since the
+/// aarch64 binary cannot be executed directly on the x86_64 host.
+fn command() -> Command {
+    match std::env::var_os("CAC_EDGE_TEST_RUNNER") {
+        Some(runner) => {
+            let mut command = Command::new(runner);
+            command.arg(env!("CARGO_BIN_EXE_cac-edge"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_cac-edge")),
+    }
+}
+
 fn cac_edge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cac-edge")).args(args).output().expect("run cac-edge")
+    command().args(args).output().expect("run cac-edge")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -91,7 +104,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
         vec!["--ort-lib", "/nonexistent/libonnxruntime.so"],
         vec![],
     ] {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cac-edge"));
+        let mut command = command();
         command.args(["classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, photo.to_str().unwrap()]);
         command.args(&args).env("ORT_DYLIB_PATH", "/also/nonexistent/libonnxruntime.so");
         let output = command.output().unwrap();
