@@ -81,7 +81,8 @@ struct RuntimeArgs {
     /// TensorRT: build FP16 engines.
     #[arg(long, global = true)]
     tensorrt_fp16: bool,
-    /// TensorRT: directory for built engines (kept across runs).
+    /// TensorRT: directory for built engines, kept across runs and reboots (one subdirectory
+    /// per model content hash and ONNX Runtime version).
     #[arg(long, global = true)]
     tensorrt_cache: Option<PathBuf>,
 }

@@ -89,7 +89,8 @@ pub struct SessionOptions {
     pub intra_threads: Option<usize>,
     pub cuda_device_id: i32,
     pub tensorrt_fp16: bool,
-    /// Where TensorRT keeps built engines; `None` disables the engine cache.
+    /// Root of the TensorRT engine cache (one subdirectory per model, see
+    /// [`Runtime::tensorrt_engine_dir`]); `None` disables it.
     pub tensorrt_engine_cache: Option<PathBuf>,
 }
 
@@ -195,12 +196,30 @@ impl Runtime {
         if let Some(threads) = options.intra_threads {
             builder = builder.with_intra_threads(threads).map_err(|error| session_error(error.into()))?;
         }
-        let providers = provider_list(chosen.name, options);
+        let engine_cache = match (&options.tensorrt_engine_cache, chosen.name) {
+            (Some(root), "tensorrt") => Some(self.tensorrt_engine_dir(root, model)?),
+            _ => None,
+        };
+        let providers = provider_list(chosen.name, options, engine_cache.as_deref());
         if !providers.is_empty() {
             builder = builder.with_execution_providers(providers).map_err(|error| session_error(error.into()))?;
         }
         let session = builder.commit_from_file(model).map_err(session_error)?;
         Ok((session, chosen))
+    }
+
+    /// TensorRT engines are specific to the model, the GPU, TensorRT and ONNX Runtime: each model
+    /// gets its own directory under `root`, named by the model file's content hash and the ONNX
+    /// Runtime version, so a reboot (or another bundle) never picks up a wrong engine and an
+    /// unchanged model never rebuilds one. TensorRT itself keys engines on the GPU inside it.
+    pub fn tensorrt_engine_dir(&self, root: &Path, model: &Path) -> Result<PathBuf, RuntimeError> {
+        let session_error = |message: String| RuntimeError::Session { path: model.to_path_buf(), message };
+        let hash = crate::bundle::sha256_file(model).map_err(|error| session_error(error.to_string()))?;
+        let version = self.version().unwrap_or_else(|| "unknown".into());
+        let dir = root.join(format!("{}-ort{version}", &hash[..16]));
+        std::fs::create_dir_all(&dir)
+            .map_err(|error| session_error(format!("cannot create the TensorRT engine cache {}: {error}", dir.display())))?;
+        Ok(dir)
     }
 
     /// Which provider a session would run on for `device`, or why it cannot.
@@ -234,7 +253,7 @@ impl Runtime {
 /// GPU providers are registered with `error_on_failure`, because ONNX Runtime otherwise falls
 /// back to CPU silently and the reported device would be a lie. TensorRT is followed by CUDA so
 /// that operators TensorRT cannot take still run on the GPU.
-fn provider_list(device: &str, options: &SessionOptions) -> Vec<ep::ExecutionProviderDispatch> {
+fn provider_list(device: &str, options: &SessionOptions, engine_cache: Option<&Path>) -> Vec<ep::ExecutionProviderDispatch> {
     let cuda = || ep::CUDA::default().with_device_id(options.cuda_device_id).build().error_on_failure();
     match device {
         "cuda" => vec![cuda()],
@@ -242,7 +261,7 @@ fn provider_list(device: &str, options: &SessionOptions) -> Vec<ep::ExecutionPro
             let mut tensorrt = ep::TensorRT::default()
                 .with_device_id(options.cuda_device_id)
                 .with_fp16(options.tensorrt_fp16);
-            if let Some(dir) = &options.tensorrt_engine_cache {
+            if let Some(dir) = engine_cache {
                 let dir = dir.display().to_string();
                 tensorrt = tensorrt
                     .with_engine_cache(true)

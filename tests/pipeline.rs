@@ -237,3 +237,19 @@ fn a_modified_encoder_file_is_refused() {
     let error = Classifier::open(&edited, &cache_path, options()).err().expect("hash mismatch");
     assert!(error.to_string().contains("image_zs.onnx") && error.to_string().contains("sha256"), "{error}");
 }
+
+#[test]
+fn tensorrt_engine_directories_are_keyed_by_model_content_and_runtime_version() {
+    let runtime = runtime();
+    let root = tempfile::tempdir().unwrap();
+    let bundle = Bundle::open(&bundle_dir()).unwrap();
+    let image = runtime.tensorrt_engine_dir(root.path(), &bundle.image_zs_path()).unwrap();
+    let again = runtime.tensorrt_engine_dir(root.path(), &bundle.image_zs_path()).unwrap();
+    let text = runtime.tensorrt_engine_dir(root.path(), &bundle.text_zs_path()).unwrap();
+    assert_eq!(image, again);
+    assert_ne!(image, text);
+    assert!(image.is_dir());
+    let name = image.file_name().unwrap().to_str().unwrap().to_string();
+    let hash = &bundle.manifest().files["image_zs.onnx"][..16];
+    assert_eq!(name, format!("{hash}-ort{}", runtime.version().unwrap()));
+}
