@@ -9,6 +9,8 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::calibrate::CalibrationSettings;
+
 pub const MANIFEST_FILE: &str = "bundle.toml";
 pub const BUNDLE_FORMAT: &str = "cac-edge-bundle";
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;
@@ -45,8 +47,10 @@ pub struct Manifest {
     pub zero_shot: ModelSection,
     pub fine_tuned: ModelSection,
     pub files: BTreeMap<String, String>,
+    /// Default calibration measured for this model (docs/CALIBRATION.md); the command line
+    /// overrides it field by field.
     #[serde(default)]
-    pub calibration: Option<CalibrationSection>,
+    pub calibration: CalibrationSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,13 +80,6 @@ pub struct ModelSection {
     pub text_encoder: String,
     pub template: String,
     pub logit_scale: f32,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CalibrationSection {
-    #[serde(default)]
-    pub method: Option<String>,
 }
 
 /// An opened, validated bundle. Opening reads only the manifest; the encoders are opened by

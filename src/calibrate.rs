@@ -103,6 +103,82 @@ impl Calibration {
     }
 }
 
+/// Calibration as asked for by the command line or a bundle's `[calibration]` table: every
+/// field optional. [`CalibrationSettings::resolve`] fills the gaps from a fallback (the bundle,
+/// for the command line) and then from the paper's defaults.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSettings {
+    /// none | cac | ts | dac
+    pub method: Option<String>,
+    pub alpha: Option<f64>,
+    pub k: Option<f64>,
+    /// logits | probs
+    pub distance: Option<String>,
+    pub lambda1: Option<f64>,
+    pub lambda2: Option<f64>,
+    pub temperature: Option<f64>,
+}
+
+impl CalibrationSettings {
+    /// The settings in force: `self`'s fields, else `fallback`'s — unless `self` names another
+    /// method or contrast distance than `fallback`, whose parameters then do not apply (a k
+    /// measured for probabilities means nothing for logits) — else the built-in defaults.
+    /// `stored_temperature` is a TS temperature fitted by `eval` and kept in the cache.
+    pub fn resolve(&self, fallback: &CalibrationSettings, stored_temperature: Option<f64>) -> Result<Calibration, String> {
+        let differs = |mine: &Option<String>, theirs: &Option<String>| mine.is_some() && theirs.is_some() && mine != theirs;
+        let merged = if differs(&self.method, &fallback.method) || differs(&self.distance, &fallback.distance) {
+            self.clone()
+        } else {
+            CalibrationSettings {
+                method: self.method.clone().or_else(|| fallback.method.clone()),
+                alpha: self.alpha.or(fallback.alpha),
+                k: self.k.or(fallback.k),
+                distance: self.distance.clone().or_else(|| fallback.distance.clone()),
+                lambda1: self.lambda1.or(fallback.lambda1),
+                lambda2: self.lambda2.or(fallback.lambda2),
+                temperature: self.temperature.or(fallback.temperature),
+            }
+        };
+        let calibration = merged.to_calibration(stored_temperature)?;
+        calibration.validate()?;
+        Ok(calibration)
+    }
+
+    fn to_calibration(&self, stored_temperature: Option<f64>) -> Result<Calibration, String> {
+        match self.method.as_deref().unwrap_or("cac") {
+            "none" => Ok(Calibration::None),
+            "dac" => Ok(Calibration::Dac),
+            "ts" => self.temperature.or(stored_temperature).map(|temperature| Calibration::Ts { temperature }).ok_or_else(|| {
+                "calibration ts needs a temperature: pass --temperature, or fit one on base validation images with `cac-edge eval`".to_string()
+            }),
+            "cac" => {
+                let distance = match self.distance.as_deref().unwrap_or("logits") {
+                    "logits" => ContrastDistance::Logits,
+                    "probs" => ContrastDistance::Probs,
+                    other => return Err(format!("unknown CAC distance '{other}': expected logits or probs")),
+                };
+                let default_k = match distance {
+                    ContrastDistance::Logits => CAC_PAPER_K,
+                    ContrastDistance::Probs => CAC_PROBS_DEFAULT_K,
+                };
+                let thresholds = match (self.lambda1, self.lambda2) {
+                    (Some(low), Some(high)) => Some((low, high)),
+                    (None, None) => None,
+                    _ => return Err("advanced CAC needs both lambda1 and lambda2".into()),
+                };
+                Ok(Calibration::Cac(CacParams {
+                    alpha: self.alpha.unwrap_or(CAC_PAPER_ALPHA),
+                    k: self.k.unwrap_or(default_k),
+                    distance,
+                    thresholds,
+                }))
+            }
+            other => Err(format!("unknown calibration method '{other}': expected none, cac, ts or dac")),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CalibrationError {
     #[error("the model produced a non-finite logit (NaN or infinity) for class {class}; the encoder output is invalid")]
@@ -325,6 +401,29 @@ mod tests {
             let best = argmax(&calibrated.probabilities.iter().map(|&p| p as f32).collect::<Vec<_>>());
             assert_eq!(best, 1, "{method:?}");
         }
+    }
+
+    fn settings(method: &str, distance: Option<&str>, k: Option<f64>) -> CalibrationSettings {
+        CalibrationSettings { method: Some(method.into()), distance: distance.map(Into::into), k, ..Default::default() }
+    }
+
+    #[test]
+    fn settings_fall_back_to_the_bundle_then_to_the_paper() {
+        let none = CalibrationSettings::default();
+        assert_eq!(none.resolve(&none, None).unwrap(), Calibration::Cac(CacParams::paper_defaults()));
+        let bundle = CalibrationSettings { alpha: Some(0.9), ..settings("cac", Some("probs"), Some(0.75)) };
+        let expected = CacParams { alpha: 0.9, k: 0.75, distance: ContrastDistance::Probs, thresholds: None };
+        assert_eq!(none.resolve(&bundle, None).unwrap(), Calibration::Cac(expected));
+        // The command line overrides one field and keeps the bundle's others.
+        let cli = CalibrationSettings { alpha: Some(1.2), ..Default::default() };
+        assert_eq!(cli.resolve(&bundle, None).unwrap(), Calibration::Cac(CacParams { alpha: 1.2, ..expected }));
+        // Another distance on the command line: the bundle's probs k does not carry over.
+        let logits = settings("cac", Some("logits"), None);
+        assert_eq!(logits.resolve(&bundle, None).unwrap(), Calibration::Cac(CacParams::paper_defaults()));
+        // TS takes the command line's temperature, else the stored one, else it is an error.
+        assert_eq!(settings("ts", None, None).resolve(&none, Some(1.5)).unwrap(), Calibration::Ts { temperature: 1.5 });
+        assert!(settings("ts", None, None).resolve(&none, None).unwrap_err().contains("--temperature"));
+        assert!(settings("platt", None, None).resolve(&none, None).is_err());
     }
 
     #[test]

@@ -198,7 +198,7 @@ fn cache_checks(bundle: &Bundle, path: &Path, threshold: Option<f64>) -> Vec<Che
         ),
         Err(error) => Check::problem("cache", Status::Fail, error.to_string(), rebuild),
     }];
-    checks.push(match resolve_calibration(None, bundle, &cache) {
+    checks.push(match resolve_calibration(&Default::default(), bundle, &cache) {
         Ok(calibration) => Check::ok(
             "calibration",
             format!(

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cac_edge::bundle::Bundle;
 use cac_edge::doctor::{self, DoctorRequest};
 use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
-use cac_edge::calibrate::{CacParams, Calibration, ContrastDistance, CAC_PAPER_ALPHA, CAC_PAPER_K, CAC_PROBS_DEFAULT_K};
+use cac_edge::calibrate::CalibrationSettings;
 use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
 use cac_edge::preprocess::DecodeLimits;
 use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
@@ -147,15 +147,16 @@ struct ClassifyArgs {
     /// Calibration method (default: the bundle's, else cac).
     #[arg(long, value_enum)]
     calibration: Option<MethodArg>,
-    /// CAC: α, the weight at zero contrast.
-    #[arg(long, default_value_t = CAC_PAPER_ALPHA)]
-    cac_alpha: f64,
-    /// CAC: k of the exponential map (default 15 for logits, 2 for probs).
+    /// CAC: α, the weight at zero contrast (default: the bundle's, else 1.10).
+    #[arg(long)]
+    cac_alpha: Option<f64>,
+    /// CAC: k of the exponential map (default: the bundle's, else 15 for logits, 2 for probs).
     #[arg(long)]
     cac_k: Option<f64>,
-    /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1).
-    #[arg(long, value_enum, default_value = "logits")]
-    cac_distance: DistanceArg,
+    /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1) (default: the
+    /// bundle's, else logits).
+    #[arg(long, value_enum)]
+    cac_distance: Option<DistanceArg>,
     /// Advanced CAC: below λ1 the weight is α.
     #[arg(long, requires = "cac_lambda2")]
     cac_lambda1: Option<f64>,
@@ -184,30 +185,26 @@ struct ClassifyArgs {
 }
 
 impl ClassifyArgs {
-    fn calibration(&self) -> Option<Calibration> {
-        let method = self.calibration?;
-        Some(match method {
-            MethodArg::None => Calibration::None,
-            MethodArg::Dac => Calibration::Dac,
-            // NaN asks the pipeline for the temperature stored in the cache.
-            MethodArg::Ts => Calibration::Ts { temperature: self.temperature.unwrap_or(f64::NAN) },
-            MethodArg::Cac => {
-                let distance = match self.cac_distance {
-                    DistanceArg::Logits => ContrastDistance::Logits,
-                    DistanceArg::Probs => ContrastDistance::Probs,
-                };
-                let default_k = match distance {
-                    ContrastDistance::Logits => CAC_PAPER_K,
-                    ContrastDistance::Probs => CAC_PROBS_DEFAULT_K,
-                };
-                Calibration::Cac(CacParams {
-                    alpha: self.cac_alpha,
-                    k: self.cac_k.unwrap_or(default_k),
-                    distance,
-                    thresholds: self.cac_lambda1.zip(self.cac_lambda2),
-                })
-            }
-        })
+    fn calibration(&self) -> CalibrationSettings {
+        let method = self.calibration.map(|method| match method {
+            MethodArg::None => "none",
+            MethodArg::Cac => "cac",
+            MethodArg::Ts => "ts",
+            MethodArg::Dac => "dac",
+        });
+        let distance = self.cac_distance.map(|distance| match distance {
+            DistanceArg::Logits => "logits",
+            DistanceArg::Probs => "probs",
+        });
+        CalibrationSettings {
+            method: method.map(Into::into),
+            alpha: self.cac_alpha,
+            k: self.cac_k,
+            distance: distance.map(Into::into),
+            lambda1: self.cac_lambda1,
+            lambda2: self.cac_lambda2,
+            temperature: self.temperature,
+        }
     }
 
     fn options(&self) -> Result<ClassifierOptions> {

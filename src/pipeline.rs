@@ -10,7 +10,7 @@ use ndarray::{Array2, Array4};
 
 use crate::bundle::{Bundle, BundleError};
 use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
-use crate::calibrate::{calibrate, top_k, CacParams, Calibration, CalibrationError};
+use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
 use crate::logits::{batch_logits, BatchLogits, LogitScales};
@@ -49,8 +49,9 @@ pub struct ClassifierOptions {
     /// `--ort-lib`: the ONNX Runtime library; `None` searches the default locations.
     pub ort_library: Option<PathBuf>,
     pub session: SessionOptions,
-    /// `None`: the bundle's `[calibration] method`, else CAC with the paper's defaults.
-    pub calibration: Option<Calibration>,
+    /// The caller's calibration settings; unset fields come from the bundle's `[calibration]`,
+    /// then from the paper's CAC defaults (see `CalibrationSettings::resolve`).
+    pub calibration: CalibrationSettings,
     pub threshold: f64,
     pub top_k: usize,
     pub decode_limits: DecodeLimits,
@@ -68,7 +69,7 @@ impl Default for ClassifierOptions {
         ClassifierOptions {
             ort_library: None,
             session: SessionOptions::default(),
-            calibration: None,
+            calibration: CalibrationSettings::default(),
             threshold: 0.8,
             top_k: 3,
             decode_limits: DecodeLimits::default(),
@@ -126,7 +127,7 @@ impl Classifier {
         let bundle = Bundle::open(bundle_dir)?;
         let cache = TextFeatureCache::open(cache_path, options.cache)?;
         cache.check_matches(&bundle, options.expected_classes.as_ref())?;
-        let calibration = resolve_calibration(options.calibration, &bundle, &cache)?;
+        let calibration = resolve_calibration(&options.calibration, &bundle, &cache)?;
         if options.verify_bundle_files {
             bundle.verify_files(bundle.runtime_file_names())?;
         }
@@ -295,39 +296,15 @@ pub fn preprocess_config(bundle: &Bundle) -> PreprocessConfig {
     PreprocessConfig { image_size: section.image_size, mean: section.mean, std: section.std }
 }
 
-/// Picks the calibration: the caller's, else the bundle's default method, else CAC with the
-/// paper's defaults. A TS temperature comes from the caller or the cache metadata.
+/// The calibration in force: the caller's settings, else the bundle's, else the paper's CAC; a
+/// TS temperature may also come from the cache (fitted by `eval`).
 pub fn resolve_calibration(
-    requested: Option<Calibration>,
+    requested: &CalibrationSettings,
     bundle: &Bundle,
     cache: &TextFeatureCache,
 ) -> Result<Calibration, PipelineError> {
-    let calibration = match requested {
-        Some(calibration) => calibration,
-        None => {
-            let method = bundle.manifest().calibration.as_ref().and_then(|section| section.method.clone());
-            match method.as_deref() {
-                None | Some("cac") => Calibration::Cac(CacParams::paper_defaults()),
-                Some("none") => Calibration::None,
-                Some("dac") => Calibration::Dac,
-                Some("ts") => Calibration::Ts { temperature: f64::NAN },
-                Some(other) => return Err(PipelineError::Option(format!("bundle calibration method '{other}' is unknown"))),
-            }
-        }
-    };
-    let calibration = match calibration {
-        Calibration::Ts { temperature } if temperature.is_nan() => {
-            let stored = cache.metadata().get(TEMPERATURE_KEY).and_then(|value| value.parse::<f64>().ok());
-            let temperature = stored.ok_or_else(|| {
-                PipelineError::Option(format!(
-                    "calibration ts needs a temperature: pass --temperature, or fit one on base validation images with `cac-edge eval` (stores '{TEMPERATURE_KEY}' in {})",
-                    cache.path().display()
-                ))
-            })?;
-            Calibration::Ts { temperature }
-        }
-        other => other,
-    };
-    calibration.validate().map_err(PipelineError::Option)?;
-    Ok(calibration)
+    let stored_temperature = cache.metadata().get(TEMPERATURE_KEY).and_then(|value| value.parse::<f64>().ok());
+    requested
+        .resolve(&bundle.manifest().calibration, stored_temperature)
+        .map_err(|message| PipelineError::Option(format!("{message} (bundle {})", bundle.dir().display())))
 }
