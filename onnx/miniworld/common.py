@@ -1,0 +1,85 @@
+"""Shared pieces of the mini-world study: model config, rendering to arrays, preprocessing."""
+
+from __future__ import annotations
+
+import json
+import os
+from multiprocessing import Pool
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+import world
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORK = os.environ.get("MINIWORLD_WORK", os.path.join(HERE, "work"))
+MODEL_NAME = "miniworld-tiny-clip"
+CONFIG_PATH = os.path.join(HERE, f"{MODEL_NAME}.json")
+IMAGE_SIZE = 32
+CONTEXT_LENGTH = 16
+MEAN = np.array(open_clip.OPENAI_DATASET_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+STD = np.array(open_clip.OPENAI_DATASET_STD, dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def model_config() -> dict:
+    with open(CONFIG_PATH) as f:
+        return json.load(f)
+
+
+def build_model(init_logit_scale: float | None = None) -> open_clip.CLIP:
+    cfg = model_config()
+    kwargs = {}
+    if init_logit_scale is not None:
+        kwargs["init_logit_scale"] = init_logit_scale
+    return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], **kwargs)
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    return open_clip.tokenize(texts, context_length=CONTEXT_LENGTH)
+
+
+_TRANSFORM = None
+
+
+def eval_transform():
+    """open_clip's own eval transform (Resize shorter side bicubic+antialias, CentreCrop,
+    ToTensor, Normalize): the path the runtime reproduces."""
+    global _TRANSFORM
+    if _TRANSFORM is None:
+        _TRANSFORM = open_clip.image_transform(IMAGE_SIZE, is_train=False)
+    return _TRANSFORM
+
+
+def preprocess_uint8(img: Image.Image) -> np.ndarray:
+    """Resize + centre crop of open_clip's eval transform, kept as uint8 [3, S, S] (ToTensor and
+    Normalize are applied later by `to_pixel_values`, which is the same arithmetic)."""
+    t = eval_transform()
+    for step in t.transforms:
+        name = type(step).__name__
+        if "ToTensor" in name or name == "Normalize":
+            continue
+        img = step(img)
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    assert arr.shape == (IMAGE_SIZE, IMAGE_SIZE, 3), arr.shape
+    return arr.transpose(2, 0, 1).copy()
+
+
+def to_pixel_values(u8: np.ndarray) -> np.ndarray:
+    return ((u8.astype(np.float32) / 255.0) - MEAN) / STD
+
+
+def _render_one(job):
+    seed, cls, index, stream = job
+    img, attrs = world.render(cls, world.image_rng(seed, cls, index, stream))
+    return preprocess_uint8(img), attrs
+
+
+def render_set(classes: list[str], per_class: int, seed: int, stream: str, workers: int = 2):
+    """Renders `per_class` images of every class; returns (uint8 [N,3,S,S], labels, attrs)."""
+    jobs = [(seed, c, i, stream) for c in classes for i in range(per_class)]
+    labels = np.array([ci for ci, _ in enumerate(classes) for _ in range(per_class)], dtype=np.int64)
+    with Pool(workers) as pool:
+        out = pool.map(_render_one, jobs, chunksize=64)
+    return np.stack([o[0] for o in out]), labels, [o[1] for o in out]
