@@ -188,7 +188,11 @@ fn encode_class_prompts(
         rows.push(encoder.encode_texts(ids.view())?);
     }
     let views: Vec<ArrayView2<'_, f32>> = rows.iter().map(|rows| rows.view()).collect();
-    Ok(ndarray::concatenate(Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, encoder.embed_dim()))))
+    // Every batch has the encoder's checked width, so this only fails for an empty class list,
+    // which ClassList refuses.
+    ndarray::concatenate(Axis(0), &views).map_err(|error| {
+        EncodeError::Inference { path: encoder.path().to_path_buf(), message: format!("joining text batches: {error}") }.into()
+    })
 }
 
 /// What a cache file holds.
