@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use cac_edge::bundle::Bundle;
 use cac_edge::doctor::{self, DoctorRequest};
@@ -116,20 +116,6 @@ struct CacheBuildArgs {
     runtime: RuntimeArgs,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum MethodArg {
-    None,
-    Cac,
-    Ts,
-    Dac,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DistanceArg {
-    Logits,
-    Probs,
-}
-
 #[derive(Args)]
 struct ClassifyArgs {
     #[arg(long)]
@@ -145,8 +131,8 @@ struct ClassifyArgs {
     #[arg(long, default_value_t = 3)]
     top_k: usize,
     /// Calibration method (default: the bundle's, else cac).
-    #[arg(long, value_enum)]
-    calibration: Option<MethodArg>,
+    #[arg(long, value_parser = ["none", "cac", "ts", "dac"])]
+    calibration: Option<String>,
     /// CAC: α, the weight at zero contrast (default: the bundle's, else 1.10).
     #[arg(long)]
     cac_alpha: Option<f64>,
@@ -155,8 +141,8 @@ struct ClassifyArgs {
     cac_k: Option<f64>,
     /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1) (default: the
     /// bundle's, else logits).
-    #[arg(long, value_enum)]
-    cac_distance: Option<DistanceArg>,
+    #[arg(long, value_parser = ["logits", "probs"])]
+    cac_distance: Option<String>,
     /// Advanced CAC: below λ1 the weight is α.
     #[arg(long, requires = "cac_lambda2")]
     cac_lambda1: Option<f64>,
@@ -186,21 +172,11 @@ struct ClassifyArgs {
 
 impl ClassifyArgs {
     fn calibration(&self) -> CalibrationSettings {
-        let method = self.calibration.map(|method| match method {
-            MethodArg::None => "none",
-            MethodArg::Cac => "cac",
-            MethodArg::Ts => "ts",
-            MethodArg::Dac => "dac",
-        });
-        let distance = self.cac_distance.map(|distance| match distance {
-            DistanceArg::Logits => "logits",
-            DistanceArg::Probs => "probs",
-        });
         CalibrationSettings {
-            method: method.map(Into::into),
+            method: self.calibration.clone(),
             alpha: self.cac_alpha,
             k: self.cac_k,
-            distance: distance.map(Into::into),
+            distance: self.cac_distance.clone(),
             lambda1: self.cac_lambda1,
             lambda2: self.cac_lambda2,
             temperature: self.temperature,
