@@ -81,6 +81,9 @@ struct RuntimeArgs {
     /// TensorRT: build FP16 engines.
     #[arg(long, global = true)]
     tensorrt_fp16: bool,
+    /// TensorRT: builder workspace in bytes (default: ONNX Runtime's).
+    #[arg(long, global = true)]
+    tensorrt_workspace: Option<usize>,
     /// TensorRT: directory for built engines, kept across runs and reboots (one subdirectory
     /// per model content hash and ONNX Runtime version).
     #[arg(long, global = true)]
@@ -94,6 +97,7 @@ impl RuntimeArgs {
             intra_threads: self.threads,
             cuda_device_id: self.gpu,
             tensorrt_fp16: self.tensorrt_fp16,
+            tensorrt_workspace: self.tensorrt_workspace,
             tensorrt_engine_cache: self.tensorrt_cache.clone(),
         }
     }
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
 }
 
 fn cache_build(args: &CacheBuildArgs) -> Result<()> {
+    args.runtime.session_options().validate().map_err(anyhow::Error::msg)?;
     let bundle = Bundle::open(&args.bundle)?;
     let classes = ClassList::from_files(&args.classes, &args.base)?;
     let output = args

@@ -121,6 +121,7 @@ pub struct Classifier {
 impl Classifier {
     pub fn open(bundle_dir: &Path, cache_path: &Path, options: ClassifierOptions) -> Result<Classifier, PipelineError> {
         validate_threshold(options.threshold).map_err(PipelineError::Option)?;
+        options.session.validate().map_err(PipelineError::Option)?;
         if options.batch_size == 0 {
             return Err(PipelineError::Option("batch size must be at least 1".into()));
         }

@@ -89,6 +89,8 @@ pub struct SessionOptions {
     pub intra_threads: Option<usize>,
     pub cuda_device_id: i32,
     pub tensorrt_fp16: bool,
+    /// TensorRT builder workspace in bytes; `None` keeps ONNX Runtime's default.
+    pub tensorrt_workspace: Option<usize>,
     /// Root of the TensorRT engine cache (one subdirectory per model, see
     /// [`Runtime::tensorrt_engine_dir`]); `None` disables it.
     pub tensorrt_engine_cache: Option<PathBuf>,
@@ -101,6 +103,7 @@ impl Default for SessionOptions {
             intra_threads: None,
             cuda_device_id: 0,
             tensorrt_fp16: false,
+            tensorrt_workspace: None,
             tensorrt_engine_cache: None,
         }
     }
@@ -188,6 +191,7 @@ impl Runtime {
     /// Creates a session for `model` on the provider `options` asks for.
     pub fn session(&self, model: &Path, options: &SessionOptions) -> Result<(Session, ChosenDevice), RuntimeError> {
         let session_error = |error: ort::Error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() };
+        options.validate().map_err(|message| RuntimeError::Session { path: model.to_path_buf(), message })?;
         let chosen = self.choose_device(options.device)?;
         let mut builder = Session::builder(&self.environment)
             .map_err(session_error)?
@@ -250,6 +254,23 @@ impl Runtime {
     }
 }
 
+impl SessionOptions {
+    /// Refuses GPU options that the chosen device would silently ignore.
+    pub fn validate(&self) -> Result<(), String> {
+        let tensorrt_options = self.tensorrt_fp16 || self.tensorrt_workspace.is_some() || self.tensorrt_engine_cache.is_some();
+        if tensorrt_options && matches!(self.device, Device::Cpu | Device::Cuda) {
+            return Err("--tensorrt-fp16, --tensorrt-workspace and --tensorrt-cache need --device tensorrt or auto".into());
+        }
+        if self.cuda_device_id != 0 && self.device == Device::Cpu {
+            return Err("--gpu selects a GPU and needs --device cuda, tensorrt or auto".into());
+        }
+        if self.cuda_device_id < 0 || self.tensorrt_workspace == Some(0) || self.intra_threads == Some(0) {
+            return Err("--gpu must be >= 0, --tensorrt-workspace and --threads at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// GPU providers are registered with `error_on_failure`, because ONNX Runtime otherwise falls
 /// back to CPU silently and the reported device would be a lie. TensorRT is followed by CUDA so
 /// that operators TensorRT cannot take still run on the GPU.
@@ -261,6 +282,9 @@ fn provider_list(device: &str, options: &SessionOptions, engine_cache: Option<&P
             let mut tensorrt = ep::TensorRT::default()
                 .with_device_id(options.cuda_device_id)
                 .with_fp16(options.tensorrt_fp16);
+            if let Some(bytes) = options.tensorrt_workspace {
+                tensorrt = tensorrt.with_max_workspace_size(bytes);
+            }
             if let Some(dir) = engine_cache {
                 let dir = dir.display().to_string();
                 tensorrt = tensorrt
@@ -339,6 +363,18 @@ mod tests {
         assert_eq!("trt".parse::<Device>(), Ok(Device::TensorRt));
         assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
         assert!("gpu".parse::<Device>().unwrap_err().contains("expected cpu, cuda, tensorrt or auto"));
+    }
+
+    #[test]
+    fn gpu_options_that_would_be_ignored_are_refused() {
+        let cpu = SessionOptions { device: Device::Cpu, ..SessionOptions::default() };
+        assert!(cpu.validate().is_ok());
+        assert!(SessionOptions { tensorrt_fp16: true, ..cpu.clone() }.validate().unwrap_err().contains("--device tensorrt"));
+        assert!(SessionOptions { cuda_device_id: 1, ..cpu.clone() }.validate().is_err());
+        let cuda = SessionOptions { device: Device::Cuda, cuda_device_id: 1, ..SessionOptions::default() };
+        assert!(cuda.validate().is_ok());
+        assert!(SessionOptions { tensorrt_workspace: Some(1 << 30), ..cuda }.validate().is_err());
+        assert!(SessionOptions { tensorrt_fp16: true, tensorrt_workspace: Some(1 << 30), ..SessionOptions::default() }.validate().is_ok());
     }
 
     #[test]

@@ -208,3 +208,21 @@ fn doctor_reports_library_providers_bundle_cache_and_calibration() {
     assert!(stdout.contains("[FAIL] execution provider") && stdout.contains("[FAIL] cache"), "{stdout}");
     assert!(stdout.contains("fix: rebuild it: cac-edge cache build"), "{stdout}");
 }
+
+#[test]
+fn gpu_options_that_the_device_would_ignore_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let photo = fixture("images/photos/chelsea.png");
+    let bundle = bundle_dir();
+    for extra in [["--tensorrt-fp16", ""], ["--tensorrt-workspace", "1073741824"], ["--gpu", "1"]] {
+        let mut args = vec!["classify", "--bundle", bundle.to_str().unwrap(), "--cache", &cache, "--device", "cpu"];
+        args.extend(extra.iter().filter(|arg| !arg.is_empty()));
+        args.push(photo.to_str().unwrap());
+        let output = cac_edge(&args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains("--device"), "{stderr}");
+        assert!(output.stdout.is_empty());
+    }
+}
