@@ -10,6 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::calibrate::CalibrationSettings;
+use crate::preprocess::PreprocessConfig;
 
 pub const MANIFEST_FILE: &str = "bundle.toml";
 pub const BUNDLE_FORMAT: &str = "cac-edge-bundle";
@@ -124,8 +125,10 @@ impl Bundle {
         self.manifest.embed_dim
     }
 
-    pub fn preprocess(&self) -> &PreprocessSection {
-        &self.manifest.preprocess
+    /// The eval transform the image encoders expect.
+    pub fn preprocess_config(&self) -> PreprocessConfig {
+        let section = &self.manifest.preprocess;
+        PreprocessConfig { image_size: section.image_size, mean: section.mean, std: section.std }
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {

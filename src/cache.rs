@@ -431,12 +431,11 @@ impl TextFeatureCache {
                 bundle.embed_dim()
             )));
         }
-        if let Some(classes) = classes {
-            if *classes != self.class_list() {
-                return Err(stale("it was built for a different class list (names, order or base flags)".into()));
-            }
+        let own_classes = self.class_list();
+        if classes.is_some_and(|classes| *classes != own_classes) {
+            return Err(stale("it was built for a different class list (names, order or base flags)".into()));
         }
-        if self.source_hash() != source_hash(bundle, &self.class_list()) {
+        if self.source_hash() != source_hash(bundle, &own_classes) {
             return Err(stale(format!(
                 "it was built from other inputs than the bundle {} (encoders, tokenizer, templates or format version changed)",
                 bundle.dir().display()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::bundle::Bundle;
 use crate::cache::{CacheOpenOptions, TextFeatureCache};
 use crate::encode::Encoder;
-use crate::pipeline::{preprocess_config, resolve_calibration};
+use crate::pipeline::resolve_calibration;
 use crate::runtime::{Runtime, SessionOptions};
 
 /// The ONNX Runtime API level this build needs (ort's `api-17` feature).
@@ -140,7 +140,7 @@ fn provider_check(runtime: &Runtime, session: &SessionOptions) -> Check {
             "execution provider",
             Status::Warn,
             format!("available: {available}; selected: {} ({})", chosen.name, chosen.fallback_reason.unwrap_or_default()),
-            "for GPU inference on Jetson, install a JetPack build of ONNX Runtime with CUDA/TensorRT and set ORT_DYLIB_PATH (docs/jetson.md)",
+            "for GPU inference on Jetson, install a JetPack build of ONNX Runtime with CUDA/TensorRT and set ORT_DYLIB_PATH (cross/README.md)",
         ),
         Ok(chosen) => Check::ok("execution provider", format!("available: {available}; selected: {}", chosen.name)),
         Err(error) => Check::problem("execution provider", Status::Fail, error.to_string(), "use --device auto or cpu"),
@@ -154,7 +154,7 @@ fn bundle_checks(runtime: &Runtime, bundle: &Bundle, session: &SessionOptions) -
         Ok(()) => Check::ok("bundle files", format!("{}: {} files match bundle.toml", bundle.dir().display(), names.len())),
         Err(error) => Check::problem("bundle files", Status::Fail, error.to_string(), "re-export the bundle with onnx/export.py"),
     });
-    let size = preprocess_config(bundle).image_size;
+    let size = bundle.preprocess_config().image_size;
     let dim = bundle.embed_dim();
     let mut encoders = vec![("image encoder (zero-shot)", bundle.image_zs_path(), true)];
     encoders.extend(bundle.image_ft_path().map(|path| ("image encoder (fine-tuned)", path, true)));

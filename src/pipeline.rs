@@ -2,11 +2,12 @@
 //! already-decoded frames classified through decode → preprocess → encode → logits → calibrate →
 //! decide. This is the library entry point; the CLI and a camera mode are thin layers on it.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use image::RgbImage;
-use ndarray::{Array2, Array4};
+use ndarray::{Array2, Array4, ArrayView1, Axis};
 
 use crate::bundle::{Bundle, BundleError};
 use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
@@ -133,7 +134,7 @@ impl Classifier {
             bundle.verify_files(bundle.runtime_file_names())?;
         }
         let runtime = Runtime::load(options.ort_library.as_deref())?;
-        let preprocess = preprocess_config(&bundle);
+        let preprocess = bundle.preprocess_config();
         let open_image = |path: &Path| {
             Encoder::open_image(&runtime, path, &options.session, preprocess.image_size, bundle.embed_dim())
         };
@@ -174,22 +175,33 @@ impl Classifier {
             .fine_tuned
             .outer_iter()
             .zip(logits.zero_shot.outer_iter())
-            .map(|(ft, zs)| self.predict(&ft.to_vec(), &zs.to_vec()))
+            .map(|(ft, zs)| self.predict(&row_slice(ft), &row_slice(zs)))
             .collect()
     }
 
     /// Zero-shot and fine-tuned logits of decoded RGB frames, before calibration (what `eval`
     /// needs to compare calibrators on the same forward passes).
     pub fn logits(&mut self, frames: &[RgbImage]) -> Result<BatchLogits, PipelineError> {
-        let classes = self.cache.num_classes();
-        let mut all = BatchLogits { zero_shot: Array2::zeros((0, classes)), fine_tuned: Array2::zeros((0, classes)) };
+        let mut batches = Vec::new();
         for (chunk_index, chunk) in frames.chunks(self.options.batch_size).enumerate() {
             let pixels = self.preprocess_batch(chunk, chunk_index * self.options.batch_size)?;
-            let logits = self.logits_of_pixels(pixels)?;
-            append_rows(&mut all.zero_shot, &logits.zero_shot)?;
-            append_rows(&mut all.fine_tuned, &logits.fine_tuned)?;
+            batches.push(self.logits_of_pixels(pixels)?);
         }
-        Ok(all)
+        match batches.len() {
+            0 => {
+                let classes = self.cache.num_classes();
+                return Ok(BatchLogits { zero_shot: Array2::zeros((0, classes)), fine_tuned: Array2::zeros((0, classes)) });
+            }
+            // The common case (one batch, e.g. a camera frame) is returned without a copy.
+            1 => return Ok(batches.remove(0)),
+            _ => {}
+        }
+        let join = |pick: fn(&BatchLogits) -> &Array2<f32>| {
+            let views: Vec<_> = batches.iter().map(|batch| pick(batch).view()).collect();
+            ndarray::concatenate(Axis(0), &views)
+                .map_err(|error| PipelineError::Batch(format!("logit rows disagree in length: {error}")))
+        };
+        Ok(BatchLogits { zero_shot: join(|batch| &batch.zero_shot)?, fine_tuned: join(|batch| &batch.fine_tuned)? })
     }
 
     /// Classifies image files, calling `report` once per path, in input order, as soon as each
@@ -278,11 +290,13 @@ impl Classifier {
     }
 }
 
-fn append_rows(all: &mut Array2<f32>, rows: &Array2<f32>) -> Result<(), PipelineError> {
-    for row in rows.outer_iter() {
-        all.push_row(row).map_err(|error| PipelineError::Batch(format!("logit rows disagree in length: {error}")))?;
+/// A logit row as a slice: rows of the owned, standard-layout logit matrices are contiguous,
+/// so this borrows; the copy is only a fallback.
+fn row_slice<'a>(row: ArrayView1<'a, f32>) -> Cow<'a, [f32]> {
+    match row.to_slice() {
+        Some(values) => Cow::Borrowed(values),
+        None => Cow::Owned(row.to_vec()),
     }
-    Ok(())
 }
 
 fn take_ok(slot: &mut Result<RgbImage, PipelineError>) -> Option<RgbImage> {
@@ -290,11 +304,6 @@ fn take_ok(slot: &mut Result<RgbImage, PipelineError>) -> Option<RgbImage> {
         Ok(image) => Some(std::mem::take(image)),
         Err(_) => None,
     }
-}
-
-pub fn preprocess_config(bundle: &Bundle) -> PreprocessConfig {
-    let section = bundle.preprocess();
-    PreprocessConfig { image_size: section.image_size, mean: section.mean, std: section.std }
 }
 
 /// The calibration in force: the caller's settings, else the bundle's, else the paper's CAC; a

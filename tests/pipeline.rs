@@ -51,7 +51,7 @@ fn decoded_photos_give_pytorch_image_embeddings() {
     let expected = reference.f32("image_embeds_zs").into_dimensionality::<Ix2>().unwrap();
     let bundle = Bundle::open(&bundle_dir()).unwrap();
     let mut encoder = Encoder::open_image(&runtime(), &bundle.image_zs_path(), &cpu(), 224, bundle.embed_dim()).unwrap();
-    let config = cac_edge::pipeline::preprocess_config(&bundle);
+    let config = bundle.preprocess_config();
     let paths = photos(&reference);
     let mut pixels = ndarray::Array4::<f32>::zeros((paths.len(), 3, 224, 224));
     for (path, mut slot) in paths.iter().zip(pixels.outer_iter_mut()) {
@@ -252,4 +252,21 @@ fn tensorrt_engine_directories_are_keyed_by_model_content_and_runtime_version() 
     let name = image.file_name().unwrap().to_str().unwrap().to_string();
     let hash = &bundle.manifest().files["image_zs.onnx"][..16];
     assert_eq!(name, format!("{hash}-ort{}", runtime.version().unwrap()));
+}
+
+#[test]
+fn logits_do_not_depend_on_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = build_test_cache(&bundle_dir(), dir.path());
+    let reference = Reference::load();
+    let frames: Vec<_> = photos(&reference).iter().map(|path| decode_file(path, &DecodeLimits::default()).unwrap()).collect();
+    let with_batch = |batch_size| {
+        let options = ClassifierOptions { batch_size, ..options() };
+        Classifier::open(&bundle_dir(), &cache_path, options).unwrap().logits(&frames).unwrap()
+    };
+    let whole = with_batch(frames.len());
+    let split = with_batch(3); // 3 + 3 + 2: the rows of several encoder runs joined in order
+    assert_eq!(split.fine_tuned.shape(), [frames.len(), class_list().names.len()]);
+    assert!(max_abs_diff(&whole.fine_tuned, &split.fine_tuned) < 1e-4);
+    assert!(max_abs_diff(&whole.zero_shot, &split.zero_shot) < 1e-4);
 }
