@@ -13,6 +13,7 @@ pub mod decide;
 pub mod doctor;
 pub mod encode;
 pub mod logits;
+pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod report;
