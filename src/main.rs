@@ -18,6 +18,9 @@ use cac_edge::preprocess::DecodeLimits;
 use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
 use cac_edge::runtime::{Device, Runtime, SessionOptions};
 
+mod cli_bench;
+mod cli_eval;
+
 #[derive(Parser)]
 #[command(name = "cac-edge", version, about = "Calibrated open-vocabulary CLIP classification on edge devices")]
 struct Cli {
@@ -34,6 +37,10 @@ enum Command {
     Classify(ClassifyArgs),
     /// Check this box: ONNX Runtime, execution providers, CPU, bundle and cache.
     Doctor(DoctorArgs),
+    /// Calibration report on a labeled image set: metrics, reliability diagrams, thresholds.
+    Eval(cli_eval::EvalArgs),
+    /// Measure latency and throughput of the encoder and the full pipeline.
+    Bench(cli_bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -64,34 +71,34 @@ enum CacheCommand {
 }
 
 #[derive(Args)]
-struct RuntimeArgs {
+pub(crate) struct RuntimeArgs {
     /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, then beside the executable, then
     /// ~/.local/share/cac-edge/onnxruntime/<arch>/, where scripts/setup-onnxruntime installs it).
     #[arg(long, global = true)]
-    ort_lib: Option<PathBuf>,
+    pub(crate) ort_lib: Option<PathBuf>,
     /// Execution provider: cpu, cuda, tensorrt, or auto (TensorRT, else CUDA, else CPU).
     #[arg(long, default_value = "auto", global = true)]
-    device: Device,
+    pub(crate) device: Device,
     /// Intra-op threads (default: ONNX Runtime's choice, one per physical core).
     #[arg(long, global = true)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// CUDA/TensorRT device id.
     #[arg(long, default_value_t = 0, global = true)]
-    gpu: i32,
+    pub(crate) gpu: i32,
     /// TensorRT: build FP16 engines.
     #[arg(long, global = true)]
-    tensorrt_fp16: bool,
+    pub(crate) tensorrt_fp16: bool,
     /// TensorRT: builder workspace in bytes (default: ONNX Runtime's).
     #[arg(long, global = true)]
-    tensorrt_workspace: Option<usize>,
+    pub(crate) tensorrt_workspace: Option<usize>,
     /// TensorRT: directory for built engines, kept across runs and reboots (one subdirectory
     /// per model content hash and ONNX Runtime version).
     #[arg(long, global = true)]
-    tensorrt_cache: Option<PathBuf>,
+    pub(crate) tensorrt_cache: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
-    fn session_options(&self) -> SessionOptions {
+    pub(crate) fn session_options(&self) -> SessionOptions {
         SessionOptions {
             device: self.device,
             intra_threads: self.threads,
@@ -215,6 +222,8 @@ fn main() -> ExitCode {
         Command::Cache(CacheCommand::Info { cache }) => cache_info(&cache).map(|()| ExitCode::SUCCESS),
         Command::Classify(args) => classify(&args),
         Command::Doctor(args) => doctor(&args),
+        Command::Eval(args) => cli_eval::run(&args),
+        Command::Bench(args) => cli_bench::run(&args),
     };
     outcome.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -365,7 +374,7 @@ const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif",
 /// Files are taken as given (whatever their extension: the content decides); directories are
 /// searched recursively for files with image extensions, in sorted order. Returns the files and
 /// the inputs that do not exist.
-fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut files = Vec::new();
     let mut missing = Vec::new();
     for input in inputs {
