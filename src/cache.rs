@@ -254,6 +254,41 @@ pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), Cach
     })
 }
 
+/// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold);
+/// everything else is fixed when the cache is built.
+pub const EVAL_METADATA_KEYS: [&str; 3] = [TEMPERATURE_KEY, THRESHOLD_KEY, THRESHOLD_CALIBRATION_KEY];
+/// A TS temperature fitted on base validation images.
+pub const TEMPERATURE_KEY: &str = "ts_temperature";
+/// A decision threshold chosen by `eval --write-threshold`, and the calibration (as JSON) it was
+/// chosen for: `classify` uses it only while the same calibration is in force.
+pub const THRESHOLD_KEY: &str = "threshold";
+pub const THRESHOLD_CALIBRATION_KEY: &str = "threshold_calibration";
+
+/// Sets (`Some`) or removes (`None`) `eval`'s metadata keys of the cache at `path`, rewriting it
+/// atomically (a sibling temporary file renamed over it): readers that already mapped the old
+/// file keep a consistent view, and a crash leaves the old file whole. The tensors and their
+/// checksum are unchanged; the cache is verified before it is rewritten.
+pub fn update_cache_metadata(path: &Path, updates: &[(&str, Option<String>)]) -> Result<(), CacheError> {
+    let invalid = |message: String| CacheError::Invalid { path: path.to_path_buf(), message };
+    if let Some((key, _)) = updates.iter().find(|(key, _)| !EVAL_METADATA_KEYS.contains(key)) {
+        return Err(invalid(format!("metadata '{key}' is fixed when the cache is built")));
+    }
+    let cache = TextFeatureCache::open(path, CacheOpenOptions { verify_checksum: true })?;
+    let tensors = SafeTensors::deserialize(&cache.mmap).map_err(|error| invalid(format!("safetensors: {error}")))?;
+    let mut metadata = cache.metadata.clone();
+    for (key, value) in updates {
+        match value {
+            Some(value) => metadata.insert(key.to_string(), value.clone()),
+            None => metadata.remove(*key),
+        };
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors.tensors();
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|error| CacheError::Write {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(error.to_string()),
+    })
+}
+
 /// sha256 over the tensors' bytes in name order: independent of where the writer placed them.
 fn data_checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
     let mut sorted: Vec<(&str, &[u8])> = tensors.collect();

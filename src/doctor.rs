@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::bundle::Bundle;
 use crate::cache::{CacheOpenOptions, TextFeatureCache};
 use crate::encode::Encoder;
-use crate::pipeline::resolve_calibration;
+use crate::pipeline::{resolve_calibration, resolve_threshold};
 use crate::runtime::{Runtime, SessionOptions};
 
 /// The ONNX Runtime API level this build needs (ort's `api-17` feature).
@@ -205,7 +205,10 @@ fn cache_checks(bundle: &Bundle, path: &Path, threshold: Option<f64>) -> Vec<Che
                 "{} {} with threshold {}",
                 calibration.name(),
                 serde_json::to_string(&calibration).unwrap_or_default(),
-                threshold.map_or_else(|| "from the command line (classify default 0.8)".into(), |t| t.to_string())
+                {
+                    let threshold = resolve_threshold(threshold, &cache, &calibration);
+                    format!("{} ({})", threshold.value, threshold.source)
+                }
             ),
         ),
         Err(error) => Check::problem("calibration", Status::Fail, error.to_string(), "pass --calibration explicitly"),

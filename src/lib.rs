@@ -9,9 +9,11 @@
 pub mod bundle;
 pub mod cache;
 pub mod calibrate;
+pub mod dataset;
 pub mod decide;
 pub mod doctor;
 pub mod encode;
+pub mod features;
 pub mod logits;
 pub mod metrics;
 pub mod pipeline;

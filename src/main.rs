@@ -14,7 +14,7 @@ use cac_edge::doctor::{self, DoctorRequest};
 use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
 use cac_edge::calibrate::CalibrationSettings;
 use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
-use cac_edge::preprocess::DecodeLimits;
+use cac_edge::preprocess::{DecodeLimits, IMAGE_EXTENSIONS};
 use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
 use cac_edge::runtime::{Device, Runtime, SessionOptions};
 
@@ -127,6 +127,47 @@ struct CacheBuildArgs {
     runtime: RuntimeArgs,
 }
 
+/// How confidences are calibrated (shared by classify and eval).
+#[derive(Args)]
+pub(crate) struct CalibrationArgs {
+    /// Calibration method (default: the bundle's, else cac).
+    #[arg(long, value_parser = ["none", "cac", "ts", "dac"])]
+    pub(crate) calibration: Option<String>,
+    /// CAC: α, the weight at zero contrast (default: the bundle's, else 1.10).
+    #[arg(long)]
+    pub(crate) cac_alpha: Option<f64>,
+    /// CAC: k of the exponential map (default: the bundle's, else 15 for logits, 2 for probs).
+    #[arg(long)]
+    pub(crate) cac_k: Option<f64>,
+    /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1) (default: the
+    /// bundle's, else logits).
+    #[arg(long, value_parser = ["logits", "probs"])]
+    pub(crate) cac_distance: Option<String>,
+    /// Advanced CAC: below λ1 the weight is α.
+    #[arg(long, requires = "cac_lambda2")]
+    pub(crate) cac_lambda1: Option<f64>,
+    /// Advanced CAC: above λ2 the weight is held at α·exp(−λ2/k).
+    #[arg(long, requires = "cac_lambda1")]
+    pub(crate) cac_lambda2: Option<f64>,
+    /// TS temperature (default: the one `eval` stored in the cache).
+    #[arg(long)]
+    pub(crate) temperature: Option<f64>,
+}
+
+impl CalibrationArgs {
+    pub(crate) fn settings(&self) -> CalibrationSettings {
+        CalibrationSettings {
+            method: self.calibration.clone(),
+            alpha: self.cac_alpha,
+            k: self.cac_k,
+            distance: self.cac_distance.clone(),
+            lambda1: self.cac_lambda1,
+            lambda2: self.cac_lambda2,
+            temperature: self.temperature,
+        }
+    }
+}
+
 #[derive(Args)]
 struct ClassifyArgs {
     #[arg(long)]
@@ -136,33 +177,14 @@ struct ClassifyArgs {
     /// Images or directories (searched recursively for image files).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Accept a prediction when its calibrated confidence is at least this.
-    #[arg(long, default_value_t = 0.8)]
-    threshold: f64,
+    /// Accept a prediction when its calibrated confidence is at least this (default: the one
+    /// `eval --write-threshold` stored in the cache for this calibration, else 0.8).
+    #[arg(long)]
+    threshold: Option<f64>,
     #[arg(long, default_value_t = 3)]
     top_k: usize,
-    /// Calibration method (default: the bundle's, else cac).
-    #[arg(long, value_parser = ["none", "cac", "ts", "dac"])]
-    calibration: Option<String>,
-    /// CAC: α, the weight at zero contrast (default: the bundle's, else 1.10).
-    #[arg(long)]
-    cac_alpha: Option<f64>,
-    /// CAC: k of the exponential map (default: the bundle's, else 15 for logits, 2 for probs).
-    #[arg(long)]
-    cac_k: Option<f64>,
-    /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1) (default: the
-    /// bundle's, else logits).
-    #[arg(long, value_parser = ["logits", "probs"])]
-    cac_distance: Option<String>,
-    /// Advanced CAC: below λ1 the weight is α.
-    #[arg(long, requires = "cac_lambda2")]
-    cac_lambda1: Option<f64>,
-    /// Advanced CAC: above λ2 the weight is held at α·exp(−λ2/k).
-    #[arg(long, requires = "cac_lambda1")]
-    cac_lambda2: Option<f64>,
-    /// TS temperature (default: the one `eval` stored in the cache).
-    #[arg(long)]
-    temperature: Option<f64>,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
     /// Images per encoder run.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -182,18 +204,6 @@ struct ClassifyArgs {
 }
 
 impl ClassifyArgs {
-    fn calibration(&self) -> CalibrationSettings {
-        CalibrationSettings {
-            method: self.calibration.clone(),
-            alpha: self.cac_alpha,
-            k: self.cac_k,
-            distance: self.cac_distance.clone(),
-            lambda1: self.cac_lambda1,
-            lambda2: self.cac_lambda2,
-            temperature: self.temperature,
-        }
-    }
-
     fn options(&self) -> Result<ClassifierOptions> {
         let expected_classes = match (&self.classes, &self.base) {
             (Some(classes), Some(base)) => Some(ClassList::from_files(classes, base)?),
@@ -203,7 +213,7 @@ impl ClassifyArgs {
         Ok(ClassifierOptions {
             ort_library: self.runtime.ort_lib.clone(),
             session: self.runtime.session_options(),
-            calibration: self.calibration(),
+            calibration: self.calibration.settings(),
             threshold: self.threshold,
             top_k: self.top_k,
             decode_limits: limits,
@@ -368,8 +378,6 @@ impl RecordContext {
         }
     }
 }
-
-const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "jfif"];
 
 /// Files are taken as given (whatever their extension: the content decides); directories are
 /// searched recursively for files with image extensions, in sorted order. Returns the files and

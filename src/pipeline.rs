@@ -10,16 +10,14 @@ use image::RgbImage;
 use ndarray::{Array2, Array4, ArrayView1, Axis};
 
 use crate::bundle::{Bundle, BundleError};
-use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
+use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache, TEMPERATURE_KEY};
+use crate::cache::{THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
 use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
 use crate::logits::{batch_logits, BatchLogits, LogitScales};
 use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig, PreprocessError};
 use crate::runtime::{ChosenDevice, Runtime, RuntimeError, SessionOptions};
-
-/// Cache metadata key holding a fitted temperature (written by `eval`).
-pub const TEMPERATURE_KEY: &str = "ts_temperature";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -53,7 +51,9 @@ pub struct ClassifierOptions {
     /// The caller's calibration settings; unset fields come from the bundle's `[calibration]`,
     /// then from the paper's CAC defaults (see `CalibrationSettings::resolve`).
     pub calibration: CalibrationSettings,
-    pub threshold: f64,
+    /// Accept a prediction at this calibrated confidence; `None`: the threshold `eval` stored in
+    /// the cache for the calibration in force, else [`DEFAULT_THRESHOLD`].
+    pub threshold: Option<f64>,
     pub top_k: usize,
     pub decode_limits: DecodeLimits,
     /// Images per encoder run.
@@ -71,7 +71,7 @@ impl Default for ClassifierOptions {
             ort_library: None,
             session: SessionOptions::default(),
             calibration: CalibrationSettings::default(),
-            threshold: 0.8,
+            threshold: None,
             top_k: 3,
             decode_limits: DecodeLimits::default(),
             batch_size: 8,
@@ -108,6 +108,15 @@ pub struct RankedClass {
     pub confidence: f64,
 }
 
+/// L2-normalised image embeddings of a batch, rows = images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageEmbeddings {
+    pub zero_shot: Array2<f32>,
+    /// The fine-tuned image encoder's embeddings; `None` when the bundle shares the zero-shot
+    /// image encoder (CoOp-style prompt learning).
+    pub fine_tuned: Option<Array2<f32>>,
+}
+
 pub struct Classifier {
     bundle: Bundle,
     cache: TextFeatureCache,
@@ -115,13 +124,16 @@ pub struct Classifier {
     image_ft: Option<Encoder>,
     preprocess: PreprocessConfig,
     calibration: Calibration,
+    threshold: Threshold,
     options: ClassifierOptions,
     _runtime: Arc<Runtime>,
 }
 
 impl Classifier {
     pub fn open(bundle_dir: &Path, cache_path: &Path, options: ClassifierOptions) -> Result<Classifier, PipelineError> {
-        validate_threshold(options.threshold).map_err(PipelineError::Option)?;
+        if let Some(threshold) = options.threshold {
+            validate_threshold(threshold).map_err(PipelineError::Option)?;
+        }
         options.session.validate().map_err(PipelineError::Option)?;
         if options.batch_size == 0 {
             return Err(PipelineError::Option("batch size must be at least 1".into()));
@@ -130,6 +142,7 @@ impl Classifier {
         let cache = TextFeatureCache::open(cache_path, options.cache)?;
         cache.check_matches(&bundle, options.expected_classes.as_ref())?;
         let calibration = resolve_calibration(&options.calibration, &bundle, &cache)?;
+        let threshold = resolve_threshold(options.threshold, &cache, &calibration);
         if options.verify_bundle_files {
             bundle.verify_files(bundle.runtime_file_names())?;
         }
@@ -140,7 +153,7 @@ impl Classifier {
         };
         let image_zs = open_image(&bundle.image_zs_path())?;
         let image_ft = bundle.image_ft_path().map(|path| open_image(&path)).transpose()?;
-        Ok(Classifier { bundle, cache, image_zs, image_ft, preprocess, calibration, options, _runtime: runtime })
+        Ok(Classifier { bundle, cache, image_zs, image_ft, preprocess, calibration, threshold, options, _runtime: runtime })
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -156,7 +169,12 @@ impl Classifier {
     }
 
     pub fn threshold(&self) -> f64 {
-        self.options.threshold
+        self.threshold.value
+    }
+
+    /// The threshold and where it came from.
+    pub fn threshold_source(&self) -> Threshold {
+        self.threshold
     }
 
     /// The execution provider the image encoder runs on.
@@ -206,63 +224,97 @@ impl Classifier {
 
     /// Classifies image files, calling `report` once per path, in input order, as soon as each
     /// batch is done. A file that cannot be decoded is reported as an error and the rest go on.
+    ///
+    /// Decoding and preprocessing of the next batch run on a second thread while the encoder
+    /// works on the current one (at most one batch ahead, so memory stays bounded).
     pub fn classify_files(&mut self, paths: &[PathBuf], mut report: impl FnMut(&Path, Result<Prediction, PipelineError>)) {
-        for chunk in paths.chunks(self.options.batch_size) {
-            let mut decoded: Vec<Result<RgbImage, PipelineError>> = chunk
-                .iter()
-                .map(|path| {
-                    decode_file(path, &self.options.decode_limits)
-                        .map_err(|source| PipelineError::Image { path: path.clone(), source })
-                })
-                .collect();
-            let frames: Vec<RgbImage> = decoded.iter_mut().filter_map(|slot| take_ok(slot)).collect();
-            let mut predictions = match self.classify_frames(&frames) {
-                Ok(predictions) => predictions.into_iter().map(Ok).collect::<Vec<_>>(),
-                // An encoder failure hits the whole batch: report it for each image in it.
-                Err(error) => {
-                    let message = error.to_string();
-                    frames.iter().map(|_| Err(PipelineError::Batch(message.clone()))).collect()
+        let batch_size = self.options.batch_size;
+        let limits = self.options.decode_limits.clone();
+        let config = self.preprocess.clone();
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel::<PreparedBatch>(1);
+            scope.spawn(move || {
+                for (chunk_index, chunk) in paths.chunks(batch_size).enumerate() {
+                    if sender.send(prepare_batch(chunk, chunk_index * batch_size, &limits, &config)).is_err() {
+                        break;
+                    }
                 }
-            }
-            .into_iter();
-            for (path, slot) in chunk.iter().zip(decoded) {
-                match slot {
-                    Err(error) => report(path, Err(error)),
-                    Ok(_) => {
-                        let missing = || Err(PipelineError::Batch("the encoder returned fewer rows than images".into()));
-                        report(path, predictions.next().unwrap_or_else(missing))
+            });
+            for (chunk, prepared) in paths.chunks(batch_size).zip(receiver) {
+                let decoded = prepared.failures.iter().filter(|failure| failure.is_none()).count();
+                let mut predictions = self.classify_prepared(prepared.pixels, decoded).into_iter();
+                for (path, failure) in chunk.iter().zip(prepared.failures) {
+                    match failure {
+                        Some(error) => report(path, Err(error)),
+                        None => report(path, predictions.next().unwrap_or_else(|| Err(PipelineError::Batch("missing row".into())))),
                     }
                 }
             }
-        }
+        });
+    }
+
+    /// Predictions for the `decoded` images of a batch, in order.
+    fn classify_prepared(
+        &mut self,
+        pixels: Result<Array4<f32>, PipelineError>,
+        decoded: usize,
+    ) -> Vec<Result<Prediction, PipelineError>> {
+        let outcome = pixels.and_then(|pixels| {
+            let logits = self.logits_of_pixels(pixels)?;
+            logits
+                .fine_tuned
+                .outer_iter()
+                .zip(logits.zero_shot.outer_iter())
+                .map(|(ft, zs)| self.predict(&row_slice(ft), &row_slice(zs)))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let mut predictions: Vec<Result<Prediction, PipelineError>> = match outcome {
+            Ok(predictions) => predictions.into_iter().map(Ok).collect(),
+            // An encoder failure hits the whole batch: report it for each image in it.
+            Err(error) => {
+                let message = error.to_string();
+                (0..decoded).map(|_| Err(PipelineError::Batch(message.clone()))).collect()
+            }
+        };
+        predictions.resize_with(decoded, || Err(PipelineError::Batch("the encoder returned fewer rows than images".into())));
+        predictions
     }
 
     fn preprocess_batch(&self, frames: &[RgbImage], first_index: usize) -> Result<Array4<f32>, PipelineError> {
-        let side = self.preprocess.image_size as usize;
-        let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
-        for (slot, (frame, mut target)) in frames.iter().zip(pixels.outer_iter_mut()).enumerate() {
-            // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
-            // fallback makes preprocess_into report a size error rather than panic.
-            let out = target.as_slice_mut().unwrap_or_default();
-            preprocess_into(frame, &self.preprocess, out)
-                .map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
-        }
-        Ok(pixels)
+        preprocess_frames(frames, &self.preprocess, first_index)
     }
 
+
     fn logits_of_pixels(&mut self, pixels: Array4<f32>) -> Result<BatchLogits, PipelineError> {
-        let image_zs = self.image_zs.encode_images(pixels.view())?;
-        let image_ft: Option<Array2<f32>> = match self.image_ft.as_mut() {
+        let embeddings = self.encode_pixels(pixels)?;
+        Ok(self.logits_of_embeddings(&embeddings))
+    }
+
+    /// Image embeddings of decoded frames, before any class is involved (what `eval` stores so a
+    /// report can be recomputed without the encoder).
+    pub fn embeddings(&mut self, frames: &[RgbImage]) -> Result<ImageEmbeddings, PipelineError> {
+        let pixels = self.preprocess_batch(frames, 0)?;
+        self.encode_pixels(pixels)
+    }
+
+    fn encode_pixels(&mut self, pixels: Array4<f32>) -> Result<ImageEmbeddings, PipelineError> {
+        let zero_shot = self.image_zs.encode_images(pixels.view())?;
+        let fine_tuned = match self.image_ft.as_mut() {
             Some(encoder) => Some(encoder.encode_images(pixels.view())?),
             None => None,
         };
+        Ok(ImageEmbeddings { zero_shot, fine_tuned })
+    }
+
+    /// Logits of stored image embeddings against this classifier's cache.
+    pub fn logits_of_embeddings(&self, embeddings: &ImageEmbeddings) -> BatchLogits {
         let scales = LogitScales { zero_shot: self.cache.logit_scale_zs(), fine_tuned: self.cache.logit_scale_ft() };
-        Ok(batch_logits(
-            image_zs.view(),
-            image_ft.as_ref().map(|embeds| embeds.view()),
+        batch_logits(
+            embeddings.zero_shot.view(),
+            embeddings.fine_tuned.as_ref().map(|embeds| embeds.view()),
             self.cache.stacked_text_features(),
             scales,
-        ))
+        )
     }
 
     fn predict(&self, fine_tuned: &[f32], zero_shot: &[f32]) -> Result<Prediction, PipelineError> {
@@ -275,7 +327,7 @@ impl Classifier {
             is_base: self.cache.is_base(class),
             confidence,
             uncalibrated_confidence: calibrated.uncalibrated[class],
-            decision: decide(confidence, self.options.threshold),
+            decision: decide(confidence, self.threshold.value),
             weight: calibrated.weight,
             contrast: calibrated.contrast,
             top_k: top_k(fine_tuned, self.options.top_k)
@@ -299,12 +351,44 @@ fn row_slice<'a>(row: ArrayView1<'a, f32>) -> Cow<'a, [f32]> {
     }
 }
 
-fn take_ok(slot: &mut Result<RgbImage, PipelineError>) -> Option<RgbImage> {
-    match slot {
-        Ok(image) => Some(std::mem::take(image)),
-        Err(_) => None,
-    }
+/// A batch of files decoded and preprocessed off the encoder's thread.
+struct PreparedBatch {
+    /// Per path: `None` if decoded, else why not.
+    failures: Vec<Option<PipelineError>>,
+    /// The decoded images, preprocessed.
+    pixels: Result<Array4<f32>, PipelineError>,
 }
+
+fn prepare_batch(paths: &[PathBuf], first_index: usize, limits: &DecodeLimits, config: &PreprocessConfig) -> PreparedBatch {
+    let mut frames = Vec::with_capacity(paths.len());
+    let failures = paths
+        .iter()
+        .map(|path| match decode_file(path, limits) {
+            Ok(frame) => {
+                frames.push(frame);
+                None
+            }
+            Err(source) => Some(PipelineError::Image { path: path.clone(), source }),
+        })
+        .collect();
+    PreparedBatch { failures, pixels: preprocess_frames(&frames, config, first_index) }
+}
+
+/// Preprocesses frames into one [N, 3, S, S] tensor.
+fn preprocess_frames(frames: &[RgbImage], config: &PreprocessConfig, first_index: usize) -> Result<Array4<f32>, PipelineError> {
+    let side = config.image_size as usize;
+
+        let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
+        for (slot, (frame, mut target)) in frames.iter().zip(pixels.outer_iter_mut()).enumerate() {
+            // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
+            // fallback makes preprocess_into report a size error rather than panic.
+            let out = target.as_slice_mut().unwrap_or_default();
+            preprocess_into(frame, config, out)
+                .map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
+        }
+        Ok(pixels)
+    }
+
 
 /// The calibration in force: the caller's settings, else the bundle's, else the paper's CAC; a
 /// TS temperature may also come from the cache (fitted by `eval`).
@@ -317,4 +401,38 @@ pub fn resolve_calibration(
     requested
         .resolve(&bundle.manifest().calibration, stored_temperature)
         .map_err(|message| PipelineError::Option(format!("{message} (bundle {})", bundle.dir().display())))
+}
+
+/// The threshold `classify` uses when none is given and the cache holds none for its calibration.
+pub const DEFAULT_THRESHOLD: f64 = 0.8;
+
+/// A decision threshold and its origin.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Threshold {
+    pub value: f64,
+    /// "command line", "cache" (chosen by `eval --write-threshold`) or "default".
+    pub source: &'static str,
+}
+
+/// The threshold in force: the caller's, else the one `eval` stored in the cache — but only if it
+/// was chosen for the same calibration (a threshold means nothing under another calibration) —
+/// else [`DEFAULT_THRESHOLD`].
+pub fn resolve_threshold(requested: Option<f64>, cache: &TextFeatureCache, calibration: &Calibration) -> Threshold {
+    if let Some(value) = requested {
+        return Threshold { value, source: "command line" };
+    }
+    let metadata = cache.metadata();
+    let stored = metadata.get(THRESHOLD_KEY).and_then(|value| value.parse::<f64>().ok());
+    let chosen_for = metadata.get(THRESHOLD_CALIBRATION_KEY).map(String::as_str);
+    match stored {
+        Some(value) if validate_threshold(value).is_ok() && chosen_for == Some(calibration_key(calibration).as_str()) => {
+            Threshold { value, source: "cache" }
+        }
+        _ => Threshold { value: DEFAULT_THRESHOLD, source: "default" },
+    }
+}
+
+/// How a calibration is written next to a stored threshold (JSON of its parameters).
+pub fn calibration_key(calibration: &Calibration) -> String {
+    serde_json::to_string(calibration).unwrap_or_default()
 }

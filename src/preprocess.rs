@@ -37,6 +37,10 @@ pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 #[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
+/// Extensions of the image files that folders are searched for (a named file is decoded
+/// whatever its extension: the content decides).
+pub const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "jfif"];
+
 /// Parameters of the eval transform: square side S and per-channel normalisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessConfig {
