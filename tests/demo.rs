@@ -46,7 +46,7 @@ fn clearly_drawn_demo_images_get_their_labels_with_the_measured_calibration() {
         .skip(1)
         .map(|line| {
             let (path, label) = line.split_once(',').unwrap();
-            (demo().join(path), label.to_string())
+            (demo().join("images").join(path), label.to_string())
         })
         .collect();
     assert!(expected.len() >= 9, "base, val-new and test-new examples");

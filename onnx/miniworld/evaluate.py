@@ -37,6 +37,8 @@ ALPHAS = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5]
 K_LOGITS = [1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 100]
 K_PROBS = [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 10]
 SAMPLES_PER_CLASS = 4
+# base validation images per base class shipped with the demo (for eval --fit-images)
+VALIDATION_PER_CLASS = 6
 
 
 # ------------------------------------------------------------------------------- stage 3
@@ -310,8 +312,26 @@ def write_demo_files(r, demo):
                 jpeg, _ = world.render_jpeg(c, world.image_rng(1, c, i, "test"))
                 with open(os.path.join(d, f"{i:02d}.jpg"), "wb") as f:
                     f.write(jpeg)
-                lines.append(f"images/{split_name}/{slug(c)}/{i:02d}.jpg,{c},{split_name}")
+                lines.append(f"{split_name}/{slug(c)}/{i:02d}.jpg,{c},{split_name}")
     with open(os.path.join(img_dir, "labels.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_validation_images(r["base"], img_dir)
+
+
+def write_validation_images(base, img_dir, per_class=VALIDATION_PER_CLASS):
+    """Base-class validation images (the "val" stream, as used for the demo's choices) for
+    `cac-edge eval --fit-images`: images/validation/<class>/NN.jpg and validation.csv (paths
+    relative to images/). Calibration is fitted on base classes only, never on new ones."""
+    lines = ["path,label"]
+    for c in base:
+        d = os.path.join(img_dir, "validation", slug(c))
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            jpeg, _ = world.render_jpeg(c, world.image_rng(1, c, i, "val"))
+            with open(os.path.join(d, f"{i:02d}.jpg"), "wb") as f:
+                f.write(jpeg)
+            lines.append(f"validation/{slug(c)}/{i:02d}.jpg,{c}")
+    with open(os.path.join(img_dir, "validation.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -645,7 +665,7 @@ def runtime_check(r, demo, cac):
     ids = [idx[c] for c in deployed]
     with open(os.path.join(demo, "images", "labels.csv")) as f:
         rows = [line.strip().split(",") for line in f.readlines()[1:] if line.strip()]
-    pix = np.stack([common.eval_transform()(Image.open(os.path.join(demo, p))).numpy() for p, _, _ in rows])
+    pix = np.stack([common.eval_transform()(Image.open(os.path.join(demo, "images", p))).numpy() for p, _, _ in rows])
     img = l2n(run_graph(os.path.join(demo, "image_zs.onnx"), "pixel_values", pix))
     s_zs, s_ft = r["scales"][COMMITTED]
     l_zs = (s_zs * img @ r["onnx_text_zs"][ids].T).astype(np.float32)

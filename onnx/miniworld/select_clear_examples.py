@@ -1,7 +1,7 @@
 """Picks "clearly drawn" demo images for the runtime's regression test (tests/demo.rs): images
 whose label the committed demo bundle predicts correctly and with a wide margin, judged
 independently of cac-edge, with onnxruntime on open_clip's own preprocessing. Writes
-onnx/demo/images/clear.csv (path,label). Run after build_demo.py:
+onnx/demo/images/clear.csv (path,label; paths relative to onnx/demo/images/). Run after build_demo.py:
     onnx/.venv/bin/python onnx/miniworld/select_clear_examples.py
 """
 import csv
@@ -38,7 +38,7 @@ def main():
     for row in rows:
         if per_split.get(row["split"], 0) >= PER_SPLIT:
             continue
-        pixels = transform(Image.open(DEMO / row["path"])).numpy()[None]
+        pixels = transform(Image.open(DEMO / "images" / row["path"])).numpy()[None]
         image = normalise(image_session.run(None, {"pixel_values": pixels})[0])
         logits = ft["logit_scale"] * image @ text.T
         probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
