@@ -345,7 +345,11 @@ fn classify(args: &ClassifyArgs) -> Result<ExitCode> {
     if let Some(error) = write_error {
         return Err(error).context("writing results to stdout");
     }
-    eprintln!("{summary} (calibration {}, device {})", context.calibration, context.device);
+    let threshold = classifier.threshold_source();
+    eprintln!(
+        "{summary} (calibration {}, threshold {} from {}, device {})",
+        context.calibration, threshold.value, threshold.source, context.device
+    );
     Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

@@ -340,6 +340,14 @@ impl Classifier {
                 .collect(),
         })
     }
+
+    // ---- Accessors for `bench` (src/bench.rs): expose existing internals only. ----
+
+    /// The image encoders (zero-shot, and the fine-tuned one when the bundle has its own), so a
+    /// benchmark can time the bare encoder runs on a ready tensor with the pipeline's own sessions.
+    pub fn image_encoders_mut(&mut self) -> (&mut Encoder, Option<&mut Encoder>) {
+        (&mut self.image_zs, self.image_ft.as_mut())
+    }
 }
 
 /// A logit row as a slice: rows of the owned, standard-layout logit matrices are contiguous,

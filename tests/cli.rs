@@ -5,31 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
-
-/// The binary under test; under emulation (cross/test) through the runner it names, since the
-/// aarch64 binary cannot be executed directly on the x86_64 host.
-fn command() -> Command {
-    match std::env::var_os("CAC_EDGE_TEST_RUNNER") {
-        Some(runner) => {
-            let mut command = Command::new(runner);
-            command.arg(env!("CARGO_BIN_EXE_cac-edge"));
-            command
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_cac-edge")),
-    }
-}
-
-fn cac_edge(args: &[&str]) -> Output {
-    command().args(args).output().expect("run cac-edge")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn build_cache_cli(dir: &Path) -> String {
     let cache = dir.join("cache.safetensors");

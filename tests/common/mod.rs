@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use cac_edge::bundle::Bundle;
 use cac_edge::cache::{build_cache, ClassList};
@@ -97,4 +98,25 @@ pub fn edited_bundle(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
     assert_ne!(text, edited, "the edit must change the manifest");
     std::fs::write(&manifest, edited).unwrap();
     copy
+}
+
+/// The binary under test; under emulation (cross/test) through the runner it names, since the
+/// aarch64 binary cannot be executed directly on the x86_64 host.
+pub fn command() -> Command {
+    match std::env::var_os("CAC_EDGE_TEST_RUNNER") {
+        Some(runner) => {
+            let mut command = Command::new(runner);
+            command.arg(env!("CARGO_BIN_EXE_cac-edge"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_cac-edge")),
+    }
+}
+
+pub fn cac_edge(args: &[&str]) -> Output {
+    command().args(args).output().expect("run cac-edge")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }

@@ -1,0 +1,246 @@
+//! The files of an `eval` report: `report.json` (every number, per-bin tables), `REPORT.md` (one
+//! page a person reads, embedding the plots), `reliability.{png,svg}` (rows = splits, columns =
+//! calibrators) and `risk-coverage-<split>.{png,svg}`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::eval::{CacFit, CalibratorReport, Split, TemperatureFit, ThresholdTarget};
+use crate::plots::{self, ReliabilityPanel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Plot(#[from] plots::PlotError),
+    #[error("serialising the report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedImage {
+    pub path: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSetSummary {
+    pub source: String,
+    pub total: usize,
+    pub evaluated: usize,
+    pub base: usize,
+    pub new: usize,
+    pub failures: Vec<FailedImage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FitSummary {
+    pub source: String,
+    /// Base-class images fitted on.
+    pub base_images: usize,
+    /// Images of new classes in the fitting set, left out (calibration is never fitted on them).
+    pub skipped_new_images: usize,
+    pub temperature: Option<TemperatureFit>,
+    pub cac: Option<CacFit>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub cac_edge_version: String,
+    pub bundle: String,
+    pub cache: String,
+    pub images: ImageSetSummary,
+    pub bins: usize,
+    pub target: ThresholdTarget,
+    pub fit: Option<FitSummary>,
+    /// The calibrator `classify` uses with these options (after writing a fitted temperature).
+    pub default_calibrator: String,
+    pub notes: Vec<String>,
+    /// What was stored in the cache's metadata.
+    pub written: Vec<String>,
+    pub calibrators: Vec<CalibratorReport>,
+}
+
+/// Writes every file of the report into `dir` (created if needed); returns their paths.
+pub fn write(dir: &Path, report: &EvalReport) -> Result<Vec<PathBuf>, ReportError> {
+    std::fs::create_dir_all(dir).map_err(|source| ReportError::Io { path: dir.to_path_buf(), source })?;
+    let mut files = Vec::new();
+    files.extend(write_reliability(dir, report)?);
+    for split in Split::ALL {
+        files.extend(write_risk_coverage(dir, report, split)?);
+    }
+    let json = dir.join("report.json");
+    write_file(&json, &serde_json::to_string_pretty(report)?)?;
+    files.push(json);
+    let markdown = dir.join("REPORT.md");
+    write_file(&markdown, &markdown_page(report))?;
+    files.push(markdown);
+    Ok(files)
+}
+
+/// Written to a temporary sibling and renamed, so a reader never sees half a report.
+fn write_file(path: &Path, text: &str) -> Result<(), ReportError> {
+    let io_error = |source| ReportError::Io { path: path.to_path_buf(), source };
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, text).map_err(io_error)?;
+    std::fs::rename(&temporary, path).map_err(io_error)
+}
+
+fn write_reliability(dir: &Path, report: &EvalReport) -> Result<Vec<PathBuf>, ReportError> {
+    let mut titles = Vec::new();
+    let mut rows = 0;
+    let mut bins_of = Vec::new();
+    for split in Split::ALL {
+        let splits: Vec<_> = report.calibrators.iter().filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator, s))).collect();
+        if splits.is_empty() {
+            continue;
+        }
+        rows += 1;
+        for (calibrator, split_report) in splits {
+            titles.push(format!("{} · {}", split.name(), calibrator.calibrator.name));
+            bins_of.push(split_report);
+        }
+    }
+    let panels: Vec<ReliabilityPanel<'_>> = titles
+        .iter()
+        .zip(&bins_of)
+        .map(|(title, split)| ReliabilityPanel {
+            title,
+            bins: &split.reliability,
+            ece_percent: split.ece_percent,
+            samples: split.images,
+        })
+        .collect();
+    let cols = report.calibrators.len();
+    let heading = format!("Reliability ({} bins): {}", report.bins, report.bundle);
+    Ok(plots::reliability_grid(&dir.join("reliability"), &heading, rows, cols, &panels)?)
+}
+
+fn write_risk_coverage(dir: &Path, report: &EvalReport, split: Split) -> Result<Vec<PathBuf>, ReportError> {
+    let curves: Vec<(&str, &[crate::metrics::RiskCoveragePoint])> = report
+        .calibrators
+        .iter()
+        .filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator.calibrator.name.as_str(), s.risk_coverage.as_slice())))
+        .collect();
+    if curves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let title = format!("Risk–coverage, {} classes", split.name());
+    Ok(plots::risk_coverage(&dir.join(format!("risk-coverage-{}", split.name())), &title, &curves)?)
+}
+
+fn target_text(target: ThresholdTarget) -> String {
+    match target {
+        ThresholdTarget::Precision(value) => format!("precision ≥ {:.1} %", 100.0 * value),
+        ThresholdTarget::Coverage(value) => format!("coverage ≥ {:.1} %", 100.0 * value),
+    }
+}
+
+fn markdown_page(report: &EvalReport) -> String {
+    let mut page = String::new();
+    let images = &report.images;
+    let _ = writeln!(page, "# Calibration report\n");
+    let _ = writeln!(page, "- bundle: `{}`; cache: `{}`", report.bundle, report.cache);
+    let _ = writeln!(
+        page,
+        "- images: `{}`: {} evaluated ({} of base classes, {} of new classes), {} failed",
+        images.source,
+        images.evaluated,
+        images.base,
+        images.new,
+        images.failures.len()
+    );
+    let _ = writeln!(page, "- {} equal-width bins, right-closed (lo, hi]; ACE uses {} equal-mass bins", report.bins, report.bins);
+    let _ = writeln!(page, "- thresholds: the smallest reaching {} (accept when confidence ≥ threshold)", target_text(report.target));
+    let _ = writeln!(page, "- the calibration `classify` uses with these options: **{}**", report.default_calibrator);
+    if let Some(fit) = &report.fit {
+        let _ = writeln!(
+            page,
+            "- fitted on `{}`: {} base-class images ({} new-class images left out)",
+            fit.source, fit.base_images, fit.skipped_new_images
+        );
+        if let Some(temperature) = fit.temperature {
+            let _ = writeln!(
+                page,
+                "  - TS: T = {:.4} (NLL {:.4} → {:.4})",
+                temperature.temperature, temperature.nll_before, temperature.nll_after
+            );
+        }
+        if let Some(cac) = fit.cac {
+            let _ = writeln!(
+                page,
+                "  - CAC: α = {:.2}, k = {:.3} (NLL {:.4} → {:.4})",
+                cac.params.alpha, cac.params.k, cac.nll_start, cac.nll
+            );
+        }
+    }
+    for line in report.notes.iter().chain(&report.written) {
+        let _ = writeln!(page, "- {line}");
+    }
+    page.push('\n');
+    let _ = writeln!(page, "Accuracy is the same for every calibrator: calibration rescales the logits of each image and never changes its prediction.\n");
+    for split in Split::ALL {
+        split_table(&mut page, report, split);
+    }
+    harmonic_means(&mut page, report);
+    let _ = writeln!(page, "## Reliability diagrams\n");
+    let _ = writeln!(page, "Bars: accuracy per confidence bin (bin counts above them); shaded: the gap to the bin's mean confidence; a calibrated model sits on the diagonal.\n");
+    let _ = writeln!(page, "![reliability diagrams](reliability.png)\n");
+    let _ = writeln!(page, "## Risk–coverage\n");
+    for split in Split::ALL {
+        if report.calibrators.iter().any(|calibrator| calibrator.split(split).is_some()) {
+            let _ = writeln!(page, "![risk–coverage, {0}](risk-coverage-{0}.png)\n", split.name());
+        }
+    }
+    let _ = writeln!(page, "## Calibrators\n");
+    for calibrator in &report.calibrators {
+        let parameters = serde_json::to_string(&calibrator.calibrator.calibration).unwrap_or_default();
+        let _ = writeln!(page, "- **{}**: {} — `{}`", calibrator.calibrator.name, calibrator.calibrator.origin, parameters);
+    }
+    if !images.failures.is_empty() {
+        let _ = writeln!(page, "\n## Images that failed\n");
+        for failure in &images.failures {
+            let _ = writeln!(page, "- `{}`: {}", failure.path, failure.error);
+        }
+    }
+    let _ = writeln!(page, "\nEvery number, with per-bin tables, is in report.json.");
+    page
+}
+
+fn split_table(page: &mut String, report: &EvalReport, split: Split) {
+    let rows: Vec<_> = report.calibrators.iter().filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator, s))).collect();
+    let Some((_, first)) = rows.first() else { return };
+    let _ = writeln!(page, "## {} classes ({} images, accuracy {:.2} %)\n", split.name(), first.images, first.accuracy_percent);
+    let _ = writeln!(page, "| calibrator | ECE % | ACE % | MCE % | NLL | Brier | AURC % | threshold | coverage % | precision % |");
+    let _ = writeln!(page, "|---|---|---|---|---|---|---|---|---|---|");
+    for (calibrator, numbers) in rows {
+        let threshold = numbers.threshold.map_or_else(
+            || "unreachable | – | –".to_string(),
+            |choice| format!("{:.4} | {:.1} | {:.1}", choice.threshold, choice.coverage_percent, choice.precision_percent),
+        );
+        let _ = writeln!(
+            page,
+            "| {} | {:.2} | {:.2} | {:.2} | {:.4} | {:.4} | {:.2} | {} |",
+            calibrator.calibrator.name,
+            numbers.ece_percent,
+            numbers.ace_percent,
+            numbers.mce_percent,
+            numbers.nll,
+            numbers.brier,
+            numbers.aurc_percent,
+            threshold
+        );
+    }
+    page.push('\n');
+}
+
+fn harmonic_means(page: &mut String, report: &EvalReport) {
+    let Some(first) = report.calibrators.first() else { return };
+    if first.split(Split::Base).is_some() && first.split(Split::New).is_some() {
+        let _ = writeln!(page, "Harmonic mean of base and new accuracy: {:.2} %\n", first.harmonic_mean_accuracy_percent);
+    }
+}
