@@ -341,6 +341,9 @@ pub struct CacFit {
     pub nll: f64,
     /// NLL of the starting parameters on the same images.
     pub nll_start: f64,
+    /// The best (α, k) lies on the edge of the grid: the optimum may lie beyond it (k at its
+    /// upper end means the contrast term is effectively off: a constant weight α fits best).
+    pub at_grid_edge: bool,
 }
 
 /// Grids of the CAC fit: α from 0.5 to 2.0 in steps of 0.05, k geometric over [0.05, 1000].
@@ -378,16 +381,18 @@ pub fn fit_cac(
     };
     let nll_start = nll_of(&start);
     let (alphas, ks) = cac_grid();
-    let mut best = CacFit { params: start, nll: nll_start, nll_start };
+    let mut best = CacFit { params: start, nll: nll_start, nll_start, at_grid_edge: false };
     for &alpha in &alphas {
         for &k in &ks {
             let params = CacParams { alpha, k, ..start };
             let nll = nll_of(&params);
             if nll < best.nll {
-                best = CacFit { params, nll, nll_start };
+                best = CacFit { params, nll, nll_start, at_grid_edge: false };
             }
         }
     }
+    let edge = |value: f64, grid: &[f64]| grid.first() == Some(&value) || grid.last() == Some(&value);
+    best.at_grid_edge = edge(best.params.alpha, &alphas) || edge(best.params.k, &ks);
     Ok(best)
 }
 

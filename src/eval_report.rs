@@ -173,8 +173,16 @@ fn markdown_page(report: &EvalReport) -> String {
         if let Some(cac) = fit.cac {
             let _ = writeln!(
                 page,
-                "  - CAC: α = {:.2}, k = {:.3} (NLL {:.4} → {:.4})",
-                cac.params.alpha, cac.params.k, cac.nll_start, cac.nll
+                "  - CAC: α = {:.2}, k = {:.3} (NLL {:.4} → {:.4}){}",
+                cac.params.alpha,
+                cac.params.k,
+                cac.nll_start,
+                cac.nll,
+                if cac.at_grid_edge {
+                    "; on the edge of the search grid — at the largest k the contrast term is off and a constant weight fits best"
+                } else {
+                    ""
+                }
             );
         }
     }
