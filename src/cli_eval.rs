@@ -156,22 +156,29 @@ pub(crate) fn run(args: &EvalArgs) -> Result<ExitCode> {
             written.push(format!("{TEMPERATURE_KEY} = {temperature}"));
         }
     }
+    let mut unreachable = None;
     if args.write_threshold {
         let chosen = reports
             .iter()
             .find(|report| report.calibrator.name == default_name)
             .and_then(|report| report.split(Split::All))
             .and_then(|split| split.threshold);
-        let Some(chosen) = chosen else {
-            bail!(
-                "--write-threshold: no threshold reaches the target for the calibration classify uses ({}); \
-                 lower the target or fit the calibration; nothing was written",
-                default.name()
-            );
-        };
-        cache_updates.push((THRESHOLD_KEY, Some(chosen.threshold.to_string())));
-        cache_updates.push((THRESHOLD_CALIBRATION_KEY, Some(calibration_key(&default))));
-        written.push(format!("{THRESHOLD_KEY} = {} for {}", chosen.threshold, calibration_key(&default)));
+        match chosen {
+            Some(chosen) => {
+                cache_updates.push((THRESHOLD_KEY, Some(chosen.threshold.to_string())));
+                cache_updates.push((THRESHOLD_CALIBRATION_KEY, Some(calibration_key(&default))));
+                written.push(format!("{THRESHOLD_KEY} = {} for {}", chosen.threshold, calibration_key(&default)));
+            }
+            None => {
+                let message = format!(
+                    "--write-threshold: no threshold reaches the target for the calibration classify uses ({}); \
+                     lower the target or fit the calibration; no threshold was written",
+                    default.name()
+                );
+                notes.push(message.clone());
+                unreachable = Some(message);
+            }
+        }
     }
     let report = EvalReport {
         cac_edge_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -195,6 +202,9 @@ pub(crate) fn run(args: &EvalArgs) -> Result<ExitCode> {
         }
     }
     print_summary(&report, &files);
+    if let Some(message) = unreachable {
+        bail!(message);
+    }
     let failed = report.images.failures.len() + fitting.map_or(0, |fitting| fitting.features.failures.len());
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
