@@ -139,20 +139,27 @@ impl Classifier {
             return Err(PipelineError::Option("batch size must be at least 1".into()));
         }
         let bundle = Bundle::open(bundle_dir)?;
-        let cache = TextFeatureCache::open(cache_path, options.cache)?;
-        cache.check_matches(&bundle, options.expected_classes.as_ref())?;
-        let calibration = resolve_calibration(&options.calibration, &bundle, &cache)?;
-        let threshold = resolve_threshold(options.threshold, &cache, &calibration);
-        if options.verify_bundle_files {
-            bundle.verify_files(bundle.runtime_file_names())?;
-        }
-        let runtime = Runtime::load(options.ort_library.as_deref())?;
         let preprocess = bundle.preprocess_config();
-        let open_image = |path: &Path| {
-            Encoder::open_image(&runtime, path, &options.session, preprocess.image_size, bundle.embed_dim())
-        };
-        let image_zs = open_image(&bundle.image_zs_path())?;
-        let image_ft = bundle.image_ft_path().map(|path| open_image(&path)).transpose()?;
+        // Checking the cache and hashing the encoder files read them whole; creating the
+        // sessions reads and optimises the same encoders. Run side by side, start-up costs the
+        // longer of the two instead of their sum. Errors are reported in the order of the
+        // sequential checks (cache, bundle files, sessions), so the message names the real cause.
+        let (checked, verified, opened) = std::thread::scope(|scope| {
+            let checked = scope.spawn(|| open_checked_cache(cache_path, &bundle, &options));
+            let verified = scope.spawn(|| {
+                if options.verify_bundle_files {
+                    bundle.verify_files(bundle.runtime_file_names()).map_err(PipelineError::from)
+                } else {
+                    Ok(())
+                }
+            });
+            let opened = open_image_encoders(&bundle, &options, preprocess.image_size);
+            let panicked = || PipelineError::Batch("a start-up check stopped unexpectedly".into());
+            (checked.join().unwrap_or_else(|_| Err(panicked())), verified.join().unwrap_or_else(|_| Err(panicked())), opened)
+        });
+        let (cache, calibration, threshold) = checked?;
+        verified?;
+        let (runtime, image_zs, image_ft) = opened?;
         Ok(Classifier { bundle, cache, image_zs, image_ft, preprocess, calibration, threshold, options, _runtime: runtime })
     }
 
@@ -348,6 +355,32 @@ impl Classifier {
     pub fn image_encoders_mut(&mut self) -> (&mut Encoder, Option<&mut Encoder>) {
         (&mut self.image_zs, self.image_ft.as_mut())
     }
+}
+
+/// The cache, checked against the bundle, with the calibration and threshold it implies.
+fn open_checked_cache(
+    cache_path: &Path,
+    bundle: &Bundle,
+    options: &ClassifierOptions,
+) -> Result<(TextFeatureCache, Calibration, Threshold), PipelineError> {
+    let cache = TextFeatureCache::open(cache_path, options.cache)?;
+    cache.check_matches(bundle, options.expected_classes.as_ref())?;
+    let calibration = resolve_calibration(&options.calibration, bundle, &cache)?;
+    let threshold = resolve_threshold(options.threshold, &cache, &calibration);
+    Ok((cache, calibration, threshold))
+}
+
+/// The ONNX Runtime library and the image encoder sessions (the fine-tuned one if the bundle has it).
+fn open_image_encoders(
+    bundle: &Bundle,
+    options: &ClassifierOptions,
+    image_size: u32,
+) -> Result<(Arc<Runtime>, Encoder, Option<Encoder>), PipelineError> {
+    let runtime = Runtime::load(options.ort_library.as_deref())?;
+    let open = |path: &Path| Encoder::open_image(&runtime, path, &options.session, image_size, bundle.embed_dim());
+    let image_zs = open(&bundle.image_zs_path())?;
+    let image_ft = bundle.image_ft_path().map(|path| open(&path)).transpose()?;
+    Ok((runtime, image_zs, image_ft))
 }
 
 /// A logit row as a slice: rows of the owned, standard-layout logit matrices are contiguous,
