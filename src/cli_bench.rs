@@ -1,13 +1,193 @@
 //! `cac-edge bench`: latency and throughput of the encoder and the full pipeline.
+//!
+//! A thin layer over [`cac_edge::bench`]: a human table on stdout, or the whole report as JSON
+//! (`--json`); progress on stderr. Exit 2 when nothing could run (like every command).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 
-#[derive(Args)]
-pub(crate) struct BenchArgs {}
+use cac_edge::bench::{run_bench, BatchResult, BenchOptions, BenchReport, Timing};
+use cac_edge::cache::CacheOpenOptions;
+use cac_edge::pipeline::ClassifierOptions;
+use cac_edge::preprocess::DecodeLimits;
 
-pub(crate) fn run(_args: &BenchArgs) -> Result<ExitCode> {
-    anyhow::bail!("bench is not written yet")
+use crate::{expand_inputs, RuntimeArgs};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    cache: PathBuf,
+    /// Images or directories (searched recursively for image files). All are decoded once and
+    /// kept in memory: a few dozen to a few hundred images are enough.
+    inputs: Vec<PathBuf>,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
+    batch_sizes: Vec<usize>,
+    /// Measured rounds; each runs every variant once over the whole image list.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Rounds run first and discarded.
+    #[arg(long, default_value_t = 1)]
+    warmup_rounds: usize,
+    /// Print the whole report as JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// With --json: also every per-image latency, by variant (to merge several runs).
+    #[arg(long, requires = "json")]
+    samples: bool,
+    /// Skip hashing the cache data and the image encoders at start-up.
+    #[arg(long)]
+    no_verify: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
+    if args.inputs.is_empty() {
+        bail!(
+            "no images given: pass image files or folders to time the pipeline on, e.g. \
+             `cac-edge bench --bundle onnx/demo --cache calibration-cache/miniworld-demo.safetensors onnx/demo/images`"
+        );
+    }
+    let (images, missing) = expand_inputs(&args.inputs);
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|path| path.display().to_string()).collect();
+        bail!("no such file or directory: {}; check the paths", names.join(", "));
+    }
+    if images.is_empty() {
+        bail!("no image files found in {}", args.inputs.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    let options = BenchOptions {
+        classifier: ClassifierOptions {
+            ort_library: args.runtime.ort_lib.clone(),
+            session: args.runtime.session_options(),
+            decode_limits: DecodeLimits::default(),
+            cache: CacheOpenOptions { verify_checksum: !args.no_verify },
+            verify_bundle_files: !args.no_verify,
+            ..ClassifierOptions::default()
+        },
+        batch_sizes: args.batch_sizes.clone(),
+        rounds: args.rounds,
+        warmup_rounds: args.warmup_rounds,
+        keep_samples: args.samples,
+    };
+    let report = run_bench(&args.bundle, &args.cache, &images, &options, |line| eprintln!("bench: {line}"))?;
+    if let Some(note) = &report.machine.device_note {
+        eprintln!("note: {note}");
+    }
+    for skipped in &report.images.skipped {
+        eprintln!("warning: left out {}: {}", skipped.path, skipped.error);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human-readable report.
+fn table(report: &BenchReport) -> String {
+    let machine = &report.machine;
+    let mut out = String::new();
+    let threads = report.settings.threads.map_or("ONNX Runtime default".to_string(), |threads| threads.to_string());
+    out += &format!(
+        "machine: {} ({} logical cores, {}), ONNX Runtime {}, device {}, intra-op threads: {threads}\n",
+        machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
+        machine.logical_cores,
+        machine.arch,
+        machine.onnxruntime_version.as_deref().unwrap_or("unknown"),
+        machine.device,
+    );
+    out += &format!(
+        "bundle: {} (S = {}, D = {}{}), cache: {} classes ({} base), images: {} ({} skipped, mean {:.0} px)\n",
+        report.bundle.name,
+        report.bundle.image_size,
+        report.bundle.embed_dim,
+        if report.bundle.fine_tuned_image_encoder { ", own fine-tuned image encoder" } else { "" },
+        report.cache.classes,
+        report.cache.base_classes,
+        report.images.used,
+        report.images.skipped.len(),
+        report.images.mean_pixels,
+    );
+    let calibrations: Vec<String> = report.calibrations.iter().map(|calibration| serde_json::to_string(calibration).unwrap_or_default()).collect();
+    out += &format!("calibrations: {} (TS temperature: {})\n", calibrations.join(" "), report.ts_temperature_source);
+    out += &format!(
+        "rounds: {} measured after {} warm-up; per-image latency = batch time / batch size (one classify_files \
+         call per batch); images/s = 1 / median; streaming = one call over all images (one sample per round)\n",
+        report.settings.rounds, report.settings.warmup_rounds
+    );
+    for result in &report.results {
+        out += &batch_table(result);
+    }
+    out
+}
+
+fn batch_table(result: &BatchResult) -> String {
+    let mut out = format!(
+        "\nbatch {} ({} batches per round)\n{:<44} {:>12} {:>12} {:>12} {:>8}\n",
+        result.batch_size, result.batches_per_round, "per image", "median", "p90", "images/s", "samples"
+    );
+    let line = |name: &str, timing: &Timing| {
+        format!(
+            "{name:<44} {:>12} {:>12} {:>12.1} {:>8}\n",
+            duration(timing.median_s),
+            duration(timing.p90_s),
+            timing.images_per_s,
+            timing.samples
+        )
+    };
+    out += &line("(a) encoder session.run, ready tensor", &result.encoder);
+    out += &line("(b) pipeline, calibration none", &result.pipeline.none);
+    out += &line("(c) pipeline, cac", &result.pipeline.cac);
+    out += &line("(d) pipeline, dac", &result.pipeline.dac);
+    out += &line("(d) pipeline, ts", &result.pipeline.ts);
+    out += &line("    streaming (one call, all images), none", &result.stream.none);
+    out += &line("    streaming (one call, all images), cac", &result.stream.cac);
+    let breakdown = &result.breakdown;
+    out += "non-encoder stages, each alone:\n";
+    out += &line("  decode", &breakdown.decode);
+    out += &line("  preprocess", &breakdown.preprocess);
+    out += &line("  logits", &breakdown.logits);
+    out += &line("  calibrate + decide, none", &breakdown.calibrate.none);
+    out += &line("  calibrate + decide, cac", &breakdown.calibrate.cac);
+    out += &line("  calibrate + decide, dac", &breakdown.calibrate.dac);
+    out += &line("  calibrate + decide, ts", &breakdown.calibrate.ts);
+    out += &format!(
+        "{:<44} {:>12}\n{:<44} {:>12}\n",
+        "  sum (decode+preprocess+logits+cac)",
+        duration(result.non_encoder_per_image_s),
+        "  (c) - (a)",
+        duration(result.pipeline_minus_encoder_s)
+    );
+    let ratios = &result.ratios;
+    out += &format!(
+        "ratios of medians: b/a {:.3}   c/b {:.4} (from the calibrate stages: {:.4})   dac/b {:.4}   ts/b {:.4}\n",
+        ratios.pipeline_over_encoder,
+        ratios.cac_over_none,
+        ratios.cac_over_none_from_stages,
+        ratios.dac_over_none,
+        ratios.ts_over_none
+    );
+    out
+}
+
+/// Seconds in the most readable unit.
+fn duration(seconds: f64) -> String {
+    let magnitude = seconds.abs();
+    if !seconds.is_finite() {
+        "-".into()
+    } else if magnitude < 1e-3 {
+        format!("{:.2} µs", seconds * 1e6)
+    } else if magnitude < 1.0 {
+        format!("{:.3} ms", seconds * 1e3)
+    } else {
+        format!("{seconds:.3} s")
+    }
 }

@@ -6,6 +6,7 @@
 //! report ([`report`]). [`pipeline::Classifier`] ties them together: open a bundle and a cache
 //! once, classify many images or frames. [`doctor`] checks a box before it is trusted.
 
+pub mod bench;
 pub mod bundle;
 pub mod cache;
 pub mod calibrate;
