@@ -41,10 +41,9 @@ use ndarray::{Array4, ArrayView1};
 use serde::Serialize;
 
 use crate::cache::TEMPERATURE_KEY;
-use crate::calibrate::{calibrate, top_k, Calibration, CalibrationSettings};
-use crate::decide::decide;
+use crate::calibrate::{Calibration, CalibrationSettings};
 use crate::logits::BatchLogits;
-use crate::pipeline::{Classifier, ClassifierOptions, ImageEmbeddings, PipelineError, Prediction, RankedClass};
+use crate::pipeline::{Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
 use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig};
 use crate::runtime::Runtime;
 
@@ -371,7 +370,6 @@ pub fn run_bench(
     let runtime = Runtime::load(options.classifier.ort_library.as_deref()).map_err(PipelineError::from)?;
     let config = classifiers[0].bundle().preprocess_config();
     let limits = options.classifier.decode_limits;
-    let top = options.classifier.top_k;
 
     // Decode every image once (failures are left out and listed).
     let mut used_paths = Vec::new();
@@ -411,7 +409,7 @@ pub fn run_bench(
         for set in prepared.iter_mut() {
             for offset in 0..all_variants.len() {
                 let index = (round + offset) % all_variants.len();
-                let latencies = run_variant(all_variants[index], set, &mut classifiers, &frames, &config, &limits, top)?;
+                let latencies = run_variant(all_variants[index], set, &mut classifiers, &frames, &config, &limits)?;
                 if measured {
                     set.samples[index].extend(latencies);
                 }
@@ -526,7 +524,6 @@ fn run_variant(
     frames: &[RgbImage],
     config: &PreprocessConfig,
     limits: &DecodeLimits,
-    top: usize,
 ) -> Result<Vec<f64>, BenchError> {
     if let Variant::Stream(streamed) = variant {
         let method = STREAMED[streamed];
@@ -560,7 +557,7 @@ fn run_variant(
             Variant::Calibrate(method) => {
                 let logits = &set.logits[batch];
                 for (fine_tuned, zero_shot) in logits.fine_tuned.outer_iter().zip(logits.zero_shot.outer_iter()) {
-                    black_box(predict(&classifiers[method], &row(fine_tuned), &row(zero_shot), top)?);
+                    black_box(classifiers[method].predict(&row(fine_tuned), &row(zero_shot)).map_err(BenchError::Pipeline)?);
                 }
             }
         }
@@ -595,33 +592,6 @@ fn row(values: ArrayView1<'_, f32>) -> Cow<'_, [f32]> {
     }
 }
 
-/// The pipeline's per-image step after the logits (what `Classifier` does privately): calibrate,
-/// rank the top k, decide, and fill in the labels.
-fn predict(classifier: &Classifier, fine_tuned: &[f32], zero_shot: &[f32], top: usize) -> Result<Prediction, BenchError> {
-    let cache = classifier.cache();
-    let calibrated = calibrate(classifier.calibration(), fine_tuned, zero_shot, cache.dac_factors())
-        .map_err(|error| BenchError::Pipeline(error.into()))?;
-    let class = calibrated.predicted;
-    let confidence = calibrated.probabilities[class];
-    Ok(Prediction {
-        class,
-        label: cache.class_names()[class].clone(),
-        is_base: cache.is_base(class),
-        confidence,
-        uncalibrated_confidence: calibrated.uncalibrated[class],
-        decision: decide(confidence, classifier.threshold()),
-        weight: calibrated.weight,
-        contrast: calibrated.contrast,
-        top_k: top_k(fine_tuned, top)
-            .into_iter()
-            .map(|index| RankedClass {
-                class: index,
-                label: cache.class_names()[index].clone(),
-                confidence: calibrated.probabilities[index],
-            })
-            .collect(),
-    })
-}
 
 fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool) -> BatchResult {
     let timing = |variant: Variant| {

@@ -196,6 +196,11 @@ impl Classifier {
     /// Classifies decoded RGB frames (a camera mode's entry point).
     pub fn classify_frames(&mut self, frames: &[RgbImage]) -> Result<Vec<Prediction>, PipelineError> {
         let logits = self.logits(frames)?;
+        self.predictions(&logits)
+    }
+
+    /// A prediction per row of a batch's logits.
+    fn predictions(&self, logits: &BatchLogits) -> Result<Vec<Prediction>, PipelineError> {
         logits
             .fine_tuned
             .outer_iter()
@@ -268,12 +273,7 @@ impl Classifier {
     ) -> Vec<Result<Prediction, PipelineError>> {
         let outcome = pixels.and_then(|pixels| {
             let logits = self.logits_of_pixels(pixels)?;
-            logits
-                .fine_tuned
-                .outer_iter()
-                .zip(logits.zero_shot.outer_iter())
-                .map(|(ft, zs)| self.predict(&row_slice(ft), &row_slice(zs)))
-                .collect::<Result<Vec<_>, _>>()
+            self.predictions(&logits)
         });
         let mut predictions: Vec<Result<Prediction, PipelineError>> = match outcome {
             Ok(predictions) => predictions.into_iter().map(Ok).collect(),
@@ -324,7 +324,8 @@ impl Classifier {
         )
     }
 
-    fn predict(&self, fine_tuned: &[f32], zero_shot: &[f32]) -> Result<Prediction, PipelineError> {
+    /// The step after the logits, for one image: calibrate, rank the top k, decide.
+    pub fn predict(&self, fine_tuned: &[f32], zero_shot: &[f32]) -> Result<Prediction, PipelineError> {
         let calibrated = calibrate(&self.calibration, fine_tuned, zero_shot, self.cache.dac_factors())?;
         let class = calibrated.predicted;
         let confidence = calibrated.probabilities[class];

@@ -53,7 +53,6 @@ DEMO_CLASSES = DEMO_BUNDLE / "classes.txt"
 DEMO_BASE = DEMO_BUNDLE / "base.txt"
 DEMO_IMAGES = DEMO_BUNDLE / "images"
 PHOTOS = REPO / "tests" / "fixtures" / "images" / "photos"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
 
 # The issue's targets.
 CAC_OVERHEAD_MAX = 1.01
@@ -153,16 +152,10 @@ def threads_flag(args):
 
 
 def expand(inputs):
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise SystemExit(f"{path}: no such file or directory")
-    return files
+    """Image files of the inputs, as the reference pipeline expands them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reference_pipeline import expand_inputs
+    return expand_inputs(inputs)
 
 
 def default_images(arch, count):
