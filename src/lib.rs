@@ -5,6 +5,11 @@
 //! ([`cache`]) → logits ([`logits`]) → calibrate ([`calibrate`]) → decide ([`decide`]) →
 //! report ([`report`]). [`pipeline::Classifier`] ties them together: open a bundle and a cache
 //! once, classify many images or frames. [`doctor`] checks a box before it is trusted.
+//!
+//! Before deployment, `eval` measures calibration on labeled images: [`dataset`] (labeled sets)
+//! → [`features`] (image embeddings stored beside the cache) → [`eval`] (calibrators, fitting,
+//! thresholds, using [`metrics`]) → [`eval_report`] (JSON, Markdown and [`plots`]). [`bench`]
+//! measures the speed of each stage.
 
 pub mod bench;
 pub mod bundle;
