@@ -4,7 +4,7 @@
 //! What is measured, at each batch size B (every number is per image: batch time ÷ B):
 //!
 //! * `encoder` (a): the image encoder run on a ready, preprocessed `[B, 3, S, S]` tensor, through
-//!   the pipeline's own ONNX Runtime session ([`Encoder::encode_images`]: `session.run` plus the
+//!   the pipeline's own ONNX Runtime session ([`crate::encode::Encoder::encode_images`]: `session.run` plus the
 //!   extraction and L2 normalisation of the `[B, D]` output; with a fine-tuned image encoder,
 //!   both runs).
 //! * `pipeline.none` (b), `pipeline.cac` (c), `pipeline.dac`, `pipeline.ts` (d): one
@@ -18,8 +18,8 @@
 //! * `breakdown`: the non-encoder stages in isolation with the library functions the pipeline
 //!   calls: `decode` ([`decode_file`]), `preprocess` (a zeroed batch tensor filled by
 //!   [`preprocess_into`]), `logits` ([`Classifier::logits_of_embeddings`] on the batch's
-//!   embeddings) and `calibrate.<method>` (per image: [`calibrate`], [`top_k`], [`decide`] and
-//!   the labels, exactly what the pipeline does to turn a logit row into a [`Prediction`]).
+//!   embeddings) and `calibrate.<method>` (per image: [`Classifier::predict`], what the pipeline
+//!   does to turn a logit row into a [`crate::pipeline::Prediction`]: calibrate, top k, decide).
 //!
 //! Rounds: every round runs every variant once over the whole image list (cycled to a multiple of
 //! B), the variants round-robin with the starting one rotated each round, so that drift on a
