@@ -30,20 +30,18 @@
 //! No global state: everything lives in the classifiers opened by [`run_bench`] (ONNX Runtime
 //! itself is loaded once per process, see [`crate::runtime`]).
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::RgbImage;
-use ndarray::{Array4, ArrayView1};
+use ndarray::Array4;
 use serde::Serialize;
 
-use crate::cache::TEMPERATURE_KEY;
 use crate::calibrate::{Calibration, CalibrationSettings};
 use crate::logits::BatchLogits;
-use crate::pipeline::{Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
+use crate::pipeline::{row_slice, Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
 use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig};
 use crate::runtime::Runtime;
 
@@ -346,7 +344,7 @@ pub fn run_bench(
     progress("opening the bundle, the cache and one classifier per calibration");
     let first = open(CALIBRATIONS[0], None, true)?;
     let stored_temperature =
-        first.cache().metadata().get(TEMPERATURE_KEY).and_then(|value| value.parse::<f64>().ok());
+        first.cache().stored_temperature();
     let mut classifiers = vec![first];
     let mut ts_temperature_source = "cache";
     for method in &CALIBRATIONS[1..] {
@@ -557,7 +555,7 @@ fn run_variant(
             Variant::Calibrate(method) => {
                 let logits = &set.logits[batch];
                 for (fine_tuned, zero_shot) in logits.fine_tuned.outer_iter().zip(logits.zero_shot.outer_iter()) {
-                    black_box(classifiers[method].predict(&row(fine_tuned), &row(zero_shot)).map_err(BenchError::Pipeline)?);
+                    black_box(classifiers[method].predict(&row_slice(fine_tuned), &row_slice(zero_shot)).map_err(BenchError::Pipeline)?);
                 }
             }
         }
@@ -583,14 +581,6 @@ fn classify(classifier: &mut Classifier, paths: &[PathBuf]) -> Result<(), BenchE
     }
 }
 
-/// A logit row as a slice, borrowed like the pipeline does (rows of the owned logit matrices are
-/// contiguous); the copy is only a fallback.
-fn row(values: ArrayView1<'_, f32>) -> Cow<'_, [f32]> {
-    match values.to_slice() {
-        Some(slice) => Cow::Borrowed(slice),
-        None => Cow::Owned(values.to_vec()),
-    }
-}
 
 
 fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool) -> BatchResult {

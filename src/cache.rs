@@ -451,6 +451,11 @@ impl TextFeatureCache {
         &self.metadata
     }
 
+    /// The TS temperature `eval` fitted and stored, if any.
+    pub fn stored_temperature(&self) -> Option<f64> {
+        self.metadata.get(TEMPERATURE_KEY).and_then(|value| value.parse::<f64>().ok())
+    }
+
     /// The class list the cache was built for.
     pub fn class_list(&self) -> ClassList {
         ClassList { names: self.names.clone(), is_base: (0..self.names.len()).map(|class| self.is_base(class)).collect() }

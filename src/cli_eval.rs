@@ -130,7 +130,7 @@ pub(crate) fn run(args: &EvalArgs) -> Result<ExitCode> {
     let fitting = args.fit_images.as_ref().map(|path| encode_set(&mut classifier, args, path)).transpose()?;
     let mut notes = Vec::new();
     let fit = fitting.as_ref().map(|fitting| fit_calibrations(&classifier, fitting, args)).transpose()?;
-    let stored_temperature = classifier.cache().metadata().get(TEMPERATURE_KEY).and_then(|value| value.parse::<f64>().ok());
+    let stored_temperature = classifier.cache().stored_temperature();
     let temperature = fit.as_ref().and_then(|fit| fit.temperature.map(|fit| fit.temperature)).or(stored_temperature);
     let default = args
         .calibration
@@ -214,8 +214,7 @@ pub(crate) fn run(args: &EvalArgs) -> Result<ExitCode> {
 fn encode_set(classifier: &mut Classifier, args: &EvalArgs, source: &Path) -> Result<EncodedSet> {
     let set = LabeledSet::load(source, classifier.class_names())?;
     let paths = set.paths();
-    let limits = args.limits();
-    let key = features::content_key(classifier, &limits, &paths);
+    let key = features::content_key(classifier, &paths);
     let store = features::store_path(&args.cache, &key);
     let features = match features::load(&store) {
         Ok(Some(features)) => {
@@ -231,7 +230,7 @@ fn encode_set(classifier: &mut Classifier, args: &EvalArgs, source: &Path) -> Re
                 ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let features = features::compute(classifier, &paths, &limits, args.batch_size, |done| bar.set_position(done as u64));
+            let features = features::compute(classifier, &paths, |done| bar.set_position(done as u64));
             bar.finish_and_clear();
             eprintln!("{}: {} images encoded, {} failed", source.display(), features.encoded.len(), features.failures.len());
             // A store that cannot be written costs only speed next time.
@@ -265,10 +264,7 @@ fn fit_calibrations(classifier: &Classifier, fitting: &EncodedSet, args: &EvalAr
     let labels: Vec<usize> = base_rows.iter().map(|&row| fitting.labels[row]).collect();
     let temperature = eval::fit_temperature(fine_tuned.view(), &labels)?;
     let cac = if args.fit_cac {
-        let start = match classifier.bundle().manifest().calibration.resolve(&CalibrationSettings::default(), None) {
-            Ok(Calibration::Cac(params)) => params,
-            _ => CacParams::paper_defaults(),
-        };
+        let start = bundle_cac(classifier).unwrap_or_else(CacParams::paper_defaults);
         Some(eval::fit_cac(fine_tuned.view(), zero_shot.view(), &labels, start)?)
     } else {
         None
@@ -303,10 +299,8 @@ fn calibrators(
     }
     list.push(named("dac", Calibration::Dac, "per-class factors from the cache (Wang et al., 2024)".into()));
     list.push(named("cac-paper", Calibration::Cac(CacParams::paper_defaults()), "paper defaults: α 1.10, k 15, logit contrast".into()));
-    if let Ok(bundle_calibration) = classifier.bundle().manifest().calibration.resolve(&CalibrationSettings::default(), None) {
-        if matches!(bundle_calibration, Calibration::Cac(_)) {
-            list.push(named("cac-bundle", bundle_calibration, "the bundle's [calibration]".into()));
-        }
+    if let Some(params) = bundle_cac(classifier) {
+        list.push(named("cac-bundle", Calibration::Cac(params), "the bundle's [calibration]".into()));
     }
     if let Some(CacFit { params, .. }) = fit.and_then(|fit| fit.cac) {
         list.push(named("cac-fit", Calibration::Cac(params), "fitted on base validation images (NLL grid)".into()));
@@ -322,6 +316,14 @@ fn calibrators(
         }
     }
     unique
+}
+
+/// The bundle's own CAC setting (its `[calibration]` table), if it names CAC.
+fn bundle_cac(classifier: &Classifier) -> Option<CacParams> {
+    match classifier.bundle().manifest().calibration.resolve(&CalibrationSettings::default(), None) {
+        Ok(Calibration::Cac(params)) => Some(params),
+        _ => None,
+    }
 }
 
 fn image_summary(evaluated: &EncodedSet, data: &EvalData<'_>) -> ImageSetSummary {

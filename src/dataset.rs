@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::preprocess::IMAGE_EXTENSIONS;
+use crate::preprocess::has_image_extension;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
@@ -80,12 +80,6 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     }
     paths.sort();
     Ok(paths)
-}
-
-fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|extension| extension.to_str())
-        .is_some_and(|extension| IMAGE_EXTENSIONS.contains(&extension.to_ascii_lowercase().as_str()))
 }
 
 /// `path,label[,anything else]` per row; a first row of exactly `path,label,...` is a header.

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::calibrate::{calibrate, CacParams, Calibration, CalibrationError, ContrastDistance};
 use crate::calibrate::{logit_contrast, probability_contrast};
 use crate::metrics::{self, ReliabilityBin, RiskCoveragePoint};
+use crate::pipeline::row_slice;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -105,7 +106,7 @@ fn calibrated_outputs(calibration: &Calibration, data: &EvalData<'_>) -> Result<
     let mut outputs =
         Outputs { predicted: Vec::new(), confidences: Vec::new(), probabilities: Vec::with_capacity(data.labels.len() * classes), classes };
     for (fine_tuned, zero_shot) in data.fine_tuned.outer_iter().zip(data.zero_shot.outer_iter()) {
-        let calibrated = calibrate(calibration, &fine_tuned.to_vec(), &zero_shot.to_vec(), data.dac_factors)?;
+        let calibrated = calibrate(calibration, &row_slice(fine_tuned), &row_slice(zero_shot), data.dac_factors)?;
         outputs.predicted.push(calibrated.predicted);
         outputs.confidences.push(calibrated.probabilities[calibrated.predicted]);
         outputs.probabilities.extend_from_slice(&calibrated.probabilities);
@@ -369,7 +370,7 @@ pub fn fit_cac(
         .outer_iter()
         .zip(zero_shot.outer_iter())
         .map(|(ft, zs)| {
-            let (ft, zs) = (ft.to_vec(), zs.to_vec());
+            let (ft, zs) = (row_slice(ft), row_slice(zs));
             match start.distance {
                 ContrastDistance::Logits => logit_contrast(&ft, &zs),
                 ContrastDistance::Probs => probability_contrast(&ft, &zs),

@@ -9,14 +9,12 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use image::RgbImage;
 use ndarray::Array2;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::hex;
-use crate::pipeline::{Classifier, ImageEmbeddings, PipelineError};
-use crate::preprocess::{decode_file, DecodeLimits};
+use crate::pipeline::{Classifier, ImageEmbeddings};
 
 const STORE_FORMAT: &str = "cac-edge-image-features";
 const STORE_FORMAT_VERSION: &str = "1";
@@ -44,11 +42,11 @@ pub struct StoredFeatures {
 }
 
 /// The content key of a set of images for a classifier: see the module documentation.
-pub fn content_key(classifier: &Classifier, limits: &DecodeLimits, paths: &[PathBuf]) -> String {
+pub fn content_key(classifier: &Classifier, paths: &[PathBuf]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(format!("{STORE_FORMAT} {STORE_FORMAT_VERSION}\n"));
     hasher.update(format!("bundle {}\n", classifier.bundle().fingerprint()));
-    hasher.update(format!("preprocess {:?}\nlimits {limits:?}\n", classifier.bundle().preprocess_config()));
+    hasher.update(format!("preprocess {:?}\nlimits {:?}\n", classifier.bundle().preprocess_config(), classifier.decode_limits()));
     for path in paths {
         // An unreadable file enters the key as such; the error is recorded as a failure.
         let content = file_sha256(path).unwrap_or_else(|error| format!("unreadable: {error}"));
@@ -77,43 +75,36 @@ pub fn store_path(cache_path: &Path, key: &str) -> PathBuf {
     PathBuf::from(folder).join(format!("{}.safetensors", &key[..32.min(key.len())]))
 }
 
-/// Decodes and encodes `paths` in batches, calling `progress` with the number of images done.
-/// An image that cannot be decoded (or a batch the encoder fails on) is recorded as a failure.
-pub fn compute(
-    classifier: &mut Classifier,
-    paths: &[PathBuf],
-    limits: &DecodeLimits,
-    batch_size: usize,
-    mut progress: impl FnMut(usize),
-) -> StoredFeatures {
+/// Decodes and encodes `paths` in the classifier's batches, calling `progress` with the number
+/// of images done. An image that cannot be decoded (or a batch the encoder fails on) is recorded
+/// as a failure.
+pub fn compute(classifier: &mut Classifier, paths: &[PathBuf], mut progress: impl FnMut(usize)) -> StoredFeatures {
     let dim = classifier.bundle().embed_dim();
     let shares_image_encoder = classifier.bundle().image_ft_path().is_none();
+    let batch_size = classifier.batch_size();
     let mut zero_shot_rows = Vec::new();
     let mut fine_tuned_rows = Vec::new();
     let mut encoded = Vec::new();
     let mut failures = Vec::new();
-    for (chunk_index, chunk) in paths.chunks(batch_size.max(1)).enumerate() {
-        let first = chunk_index * batch_size.max(1);
-        let mut frames: Vec<RgbImage> = Vec::new();
-        let mut indices = Vec::new();
-        for (offset, path) in chunk.iter().enumerate() {
-            match decode_file(path, limits) {
-                Ok(frame) => {
-                    frames.push(frame);
-                    indices.push(first + offset);
-                }
-                Err(error) => failures.push((first + offset, format!("{}: {error}", path.display()))),
+    for (chunk_index, chunk) in paths.chunks(batch_size).enumerate() {
+        let first = chunk_index * batch_size;
+        let (decode_failures, embeddings) = classifier.embed_files(chunk, first);
+        let mut decoded = Vec::new();
+        for (index, failure) in (first..).zip(decode_failures) {
+            match failure {
+                Some(error) => failures.push((index, error.to_string())),
+                None => decoded.push(index),
             }
         }
-        match classifier.embeddings(&frames) {
+        match embeddings {
             Ok(batch) => {
                 zero_shot_rows.extend(batch.zero_shot.iter().copied());
                 if let Some(fine_tuned) = &batch.fine_tuned {
                     fine_tuned_rows.extend(fine_tuned.iter().copied());
                 }
-                encoded.extend(indices);
+                encoded.extend(decoded);
             }
-            Err(error) => failures.extend(indices.into_iter().map(|index| (index, batch_error(&paths[index], &error)))),
+            Err(error) => failures.extend(decoded.into_iter().map(|index| (index, format!("{}: {error}", paths[index].display())))),
         }
         progress(first + chunk.len());
     }
@@ -122,10 +113,6 @@ pub fn compute(
     let matrix = |values: Vec<f32>| Array2::from_shape_vec((rows, dim), values).unwrap_or_else(|_| Array2::zeros((rows, dim)));
     let fine_tuned = (!shares_image_encoder).then(|| matrix(fine_tuned_rows));
     StoredFeatures { embeddings: ImageEmbeddings { zero_shot: matrix(zero_shot_rows), fine_tuned }, encoded, failures }
-}
-
-fn batch_error(path: &Path, error: &PipelineError) -> String {
-    format!("{}: {error}", path.display())
 }
 
 /// Writes the store atomically (a temporary file renamed into place).

@@ -14,7 +14,7 @@ use cac_edge::doctor::{self, DoctorRequest};
 use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
 use cac_edge::calibrate::CalibrationSettings;
 use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
-use cac_edge::preprocess::{DecodeLimits, IMAGE_EXTENSIONS};
+use cac_edge::preprocess::{has_image_extension, DecodeLimits};
 use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
 use cac_edge::runtime::{Device, Runtime, SessionOptions};
 
@@ -415,10 +415,4 @@ fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) {
             files.push(path);
         }
     }
-}
-
-fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|extension| extension.to_str())
-        .is_some_and(|extension| IMAGE_EXTENSIONS.contains(&extension.to_ascii_lowercase().as_str()))
 }

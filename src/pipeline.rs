@@ -10,8 +10,7 @@ use image::RgbImage;
 use ndarray::{Array2, Array4, ArrayView1, Axis};
 
 use crate::bundle::{Bundle, BundleError};
-use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache, TEMPERATURE_KEY};
-use crate::cache::{THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
+use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache, THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
 use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
@@ -291,17 +290,32 @@ impl Classifier {
         preprocess_frames(frames, &self.preprocess, first_index)
     }
 
-
     fn logits_of_pixels(&mut self, pixels: Array4<f32>) -> Result<BatchLogits, PipelineError> {
         let embeddings = self.encode_pixels(pixels)?;
         Ok(self.logits_of_embeddings(&embeddings))
     }
 
-    /// Image embeddings of decoded frames, before any class is involved (what `eval` stores so a
-    /// report can be recomputed without the encoder).
-    pub fn embeddings(&mut self, frames: &[RgbImage]) -> Result<ImageEmbeddings, PipelineError> {
-        let pixels = self.preprocess_batch(frames, 0)?;
-        self.encode_pixels(pixels)
+    /// Decodes and encodes one batch of files, before any class is involved (what `eval` stores
+    /// so a report can be recomputed without the encoder). Per path: `None` if it was decoded —
+    /// the embedding rows follow those paths in order — else why not.
+    pub fn embed_files(
+        &mut self,
+        paths: &[PathBuf],
+        first_index: usize,
+    ) -> (Vec<Option<PipelineError>>, Result<ImageEmbeddings, PipelineError>) {
+        let prepared = prepare_batch(paths, first_index, &self.options.decode_limits, &self.preprocess);
+        let embeddings = prepared.pixels.and_then(|pixels| self.encode_pixels(pixels));
+        (prepared.failures, embeddings)
+    }
+
+    /// The decode limits images are read with.
+    pub fn decode_limits(&self) -> &DecodeLimits {
+        &self.options.decode_limits
+    }
+
+    /// Images per encoder run.
+    pub fn batch_size(&self) -> usize {
+        self.options.batch_size
     }
 
     fn encode_pixels(&mut self, pixels: Array4<f32>) -> Result<ImageEmbeddings, PipelineError> {
@@ -386,7 +400,7 @@ fn open_image_encoders(
 
 /// A logit row as a slice: rows of the owned, standard-layout logit matrices are contiguous,
 /// so this borrows; the copy is only a fallback.
-fn row_slice<'a>(row: ArrayView1<'a, f32>) -> Cow<'a, [f32]> {
+pub fn row_slice<'a>(row: ArrayView1<'a, f32>) -> Cow<'a, [f32]> {
     match row.to_slice() {
         Some(values) => Cow::Borrowed(values),
         None => Cow::Owned(row.to_vec()),
@@ -439,9 +453,8 @@ pub fn resolve_calibration(
     bundle: &Bundle,
     cache: &TextFeatureCache,
 ) -> Result<Calibration, PipelineError> {
-    let stored_temperature = cache.metadata().get(TEMPERATURE_KEY).and_then(|value| value.parse::<f64>().ok());
     requested
-        .resolve(&bundle.manifest().calibration, stored_temperature)
+        .resolve(&bundle.manifest().calibration, cache.stored_temperature())
         .map_err(|message| PipelineError::Option(format!("{message} (bundle {})", bundle.dir().display())))
 }
 

@@ -41,6 +41,13 @@ pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// whatever its extension: the content decides).
 pub const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "jfif"];
 
+/// Whether the file name ends in one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|extension| extension.to_str())
+        .is_some_and(|extension| IMAGE_EXTENSIONS.contains(&extension.to_ascii_lowercase().as_str()))
+}
+
 /// Parameters of the eval transform: square side S and per-channel normalisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessConfig {
