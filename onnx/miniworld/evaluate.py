@@ -304,15 +304,9 @@ def write_demo_files(r, demo):
         shutil.rmtree(img_dir)
     lines = ["path,label,split"]
     for split_name, group in (("base", r["base"]), ("val-new", r["valnew"]), ("test-new", r["testnew"])):
-        for c in group:
-            d = os.path.join(img_dir, split_name, slug(c))
-            os.makedirs(d, exist_ok=True)
-            for i in range(SAMPLES_PER_CLASS):
-                # the same bytes as evaluation image i of the test stream (seed 1)
-                jpeg, _ = world.render_jpeg(c, world.image_rng(1, c, i, "test"))
-                with open(os.path.join(d, f"{i:02d}.jpg"), "wb") as f:
-                    f.write(jpeg)
-                lines.append(f"{split_name}/{slug(c)}/{i:02d}.jpg,{c},{split_name}")
+        # the same bytes as the first evaluation images of the test stream (seed 1)
+        written = write_class_images(img_dir, split_name, group, SAMPLES_PER_CLASS, "test")
+        lines += [f"{path},{c},{split_name}" for path, c in written]
     with open(os.path.join(img_dir, "labels.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
     write_validation_images(r["base"], img_dir)
@@ -322,17 +316,25 @@ def write_validation_images(base, img_dir, per_class=VALIDATION_PER_CLASS):
     """Base-class validation images (the "val" stream, as used for the demo's choices) for
     `cac-edge eval --fit-images`: images/validation/<class>/NN.jpg and validation.csv (paths
     relative to images/). Calibration is fitted on base classes only, never on new ones."""
-    lines = ["path,label"]
-    for c in base:
-        d = os.path.join(img_dir, "validation", slug(c))
-        os.makedirs(d, exist_ok=True)
-        for i in range(per_class):
-            jpeg, _ = world.render_jpeg(c, world.image_rng(1, c, i, "val"))
-            with open(os.path.join(d, f"{i:02d}.jpg"), "wb") as f:
-                f.write(jpeg)
-            lines.append(f"validation/{slug(c)}/{i:02d}.jpg,{c}")
+    written = write_class_images(img_dir, "validation", base, per_class, "val")
+    lines = ["path,label"] + [f"{path},{c}" for path, c in written]
     with open(os.path.join(img_dir, "validation.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def write_class_images(img_dir, folder, classes, per_class, stream):
+    """Renders images 0..per_class-1 of each class from `stream` (seed 1) as
+    <img_dir>/<folder>/<class>/NN.jpg; returns (path relative to img_dir, class) in order."""
+    written = []
+    for c in classes:
+        d = os.path.join(img_dir, folder, slug(c))
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            jpeg, _ = world.render_jpeg(c, world.image_rng(1, c, i, stream))
+            with open(os.path.join(d, f"{i:02d}.jpg"), "wb") as f:
+                f.write(jpeg)
+            written.append((f"{folder}/{slug(c)}/{i:02d}.jpg", c))
+    return written
 
 
 def write_bundle_calibration(demo, cac):
