@@ -26,6 +26,7 @@ use crate::bundle::{hex, Bundle, BundleError};
 use crate::calibrate::{dac_factors, DAC_BASE_DISTANCE, DAC_NEIGHBOURS};
 use crate::encode::{EncodeError, Encoder};
 use crate::runtime::{Runtime, SessionOptions};
+use crate::threshold::{THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
 use crate::tokenize::{ClipTokenizer, TokenizeError};
 
 pub const CACHE_FORMAT: &str = "cac-edge-text-cache";
@@ -39,29 +40,91 @@ const TEXT_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// There is no cache file at the path.
+    #[error("{path}: no cache here yet (a cache is built once per bundle and class list)")]
+    Missing {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A file could not be read.
     #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The cache could not be written.
     #[error("{path}: cannot write the cache: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not a valid cac-edge cache ({message}); rebuild it with `cac-edge cache build`")]
-    Invalid { path: PathBuf, message: String },
-    #[error(
-        "{path}: cache format version {found} is not supported by this cac-edge (expects {CACHE_FORMAT_VERSION}); \
-         rebuild it with `cac-edge cache build`"
-    )]
-    Version { path: PathBuf, found: String },
-    #[error("{path}: the cache data does not match its checksum (corrupt or modified); rebuild it with `cac-edge cache build`")]
-    Corrupt { path: PathBuf },
-    #[error("{path}: stale cache: {message}; rebuild it with `cac-edge cache build --bundle ... --classes ... --base ...`")]
-    Stale { path: PathBuf, message: String },
+    Write {
+        /// The cache file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Not a cac-edge cache, or a damaged one; rebuilding it is the fix.
+    #[error("{path}: not a valid cac-edge cache ({message})")]
+    Invalid {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Written by another version of cac-edge; rebuilding it is the fix.
+    #[error("{path}: cache format version {found} is not supported by this cac-edge (expects {CACHE_FORMAT_VERSION})")]
+    Version {
+        /// The cache file.
+        path: PathBuf,
+        /// The version it declares.
+        found: String,
+    },
+    /// The data does not match its checksum; rebuilding it is the fix.
+    #[error("{path}: the cache data does not match its checksum (corrupt or modified)")]
+    Corrupt {
+        /// The cache file.
+        path: PathBuf,
+    },
+    /// Built from another bundle or class list; rebuilding it is the fix.
+    #[error("{path}: stale cache: {message}")]
+    Stale {
+        /// The cache file.
+        path: PathBuf,
+        /// What differs.
+        message: String,
+    },
+    /// A class list file is invalid.
     #[error("{path}:{line}: {message}")]
-    ClassList { path: PathBuf, line: usize, message: String },
+    ClassList {
+        /// The class list file.
+        path: PathBuf,
+        /// The line (1-based).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The bundle could not be opened.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// A text encoder run failed.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// A class name could not be tokenized.
     #[error(transparent)]
     Tokenize(#[from] TokenizeError),
+}
+
+impl CacheError {
+    /// Whether rebuilding the cache (`cache build`) fixes this error.
+    pub fn is_fixed_by_rebuilding(&self) -> bool {
+        matches!(
+            self,
+            CacheError::Missing { .. }
+                | CacheError::Invalid { .. }
+                | CacheError::Version { .. }
+                | CacheError::Corrupt { .. }
+                | CacheError::Stale { .. }
+        )
+    }
 }
 
 /// The deployed classes, in order, and which of them the fine-tuned model was trained on.
@@ -100,6 +163,18 @@ impl ClassList {
     }
 }
 
+impl ClassList {
+    /// A digest of the names, their order and base flags (what tells two class lists apart).
+    pub fn digest(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (name, base) in self.names.iter().zip(&self.is_base) {
+            hasher.update(name.as_bytes());
+            hasher.update(if *base { b"\n1\n" } else { b"\n0\n" });
+        }
+        hex(&hasher.finalize())
+    }
+}
+
 fn read_name_list(path: &Path) -> Result<Vec<(usize, String)>, CacheError> {
     let text = std::fs::read_to_string(path).map_err(|source| CacheError::Read { path: path.to_path_buf(), source })?;
     let mut seen = HashMap::new();
@@ -133,6 +208,11 @@ pub fn source_hash(bundle: &Bundle, classes: &ClassList) -> String {
         let _ = writeln!(text, "class {name:?} base {base}");
     }
     hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Where `cache build` writes a bundle's cache when not told: `calibration-cache/<bundle name>.safetensors`.
+pub fn default_cache_path(bundle: &Bundle) -> PathBuf {
+    Path::new("calibration-cache").join(format!("{}.safetensors", bundle.name()))
 }
 
 /// Computes the cache for `classes` with the bundle's text encoders and writes it to `output`.
@@ -207,7 +287,8 @@ pub struct CacheContents<'a> {
     pub bundle_name: &'a str,
 }
 
-/// Writes a cache atomically: a temporary file in the same directory, renamed over `path`.
+/// Writes a cache atomically and durably: a temporary file in the same directory, fsynced and
+/// renamed over `path` (see [`crate::fsio`]).
 pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), CacheError> {
     let classes = contents.classes.names.len();
     let dim = contents.stacked_text.ncols();
@@ -244,25 +325,27 @@ pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), Cach
         ("dac_base_distance".to_string(), DAC_BASE_DISTANCE.to_string()),
         ("created_by".to_string(), format!("cac-edge {}", env!("CARGO_PKG_VERSION"))),
     ]);
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| CacheError::Write { path: path.to_path_buf(), source })?;
-    }
-    // serialize_to_file writes a sibling temporary file and renames it over `path`.
-    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|error| CacheError::Write {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(error.to_string()),
+    write_safetensors(path, tensors, metadata)
+}
+
+/// Writes a safetensors file atomically and durably (see [`crate::fsio`]).
+fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (impl AsRef<str> + Ord + std::fmt::Display, TensorView<'a>)>,
+    metadata: HashMap<String, String>,
+) -> Result<(), CacheError> {
+    crate::fsio::write_atomic(path, |temporary| {
+        safetensors::serialize_to_file(tensors, Some(metadata), temporary).map_err(|error| std::io::Error::other(error.to_string()))
     })
+    .map_err(|source| CacheError::Write { path: path.to_path_buf(), source })
 }
 
 /// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold);
 /// everything else is fixed when the cache is built.
 pub const EVAL_METADATA_KEYS: [&str; 3] = [TEMPERATURE_KEY, THRESHOLD_KEY, THRESHOLD_CALIBRATION_KEY];
+
 /// A TS temperature fitted on base validation images.
 pub const TEMPERATURE_KEY: &str = "ts_temperature";
-/// A decision threshold chosen by `eval --write-threshold`, and the calibration (as JSON) it was
-/// chosen for: `classify` uses it only while the same calibration is in force.
-pub const THRESHOLD_KEY: &str = "threshold";
-pub const THRESHOLD_CALIBRATION_KEY: &str = "threshold_calibration";
 
 /// Sets (`Some`) or removes (`None`) `eval`'s metadata keys of the cache at `path`, rewriting it
 /// atomically (a sibling temporary file renamed over it): readers that already mapped the old
@@ -282,11 +365,7 @@ pub fn update_cache_metadata(path: &Path, updates: &[(&str, Option<String>)]) ->
             None => metadata.remove(*key),
         };
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors.tensors();
-    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|error| CacheError::Write {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(error.to_string()),
-    })
+    write_safetensors(path, tensors.tensors(), metadata)
 }
 
 /// sha256 over the tensors' bytes in name order: independent of where the writer placed them.
@@ -336,7 +415,10 @@ impl std::fmt::Debug for TextFeatureCache {
 
 impl TextFeatureCache {
     pub fn open(path: &Path, options: CacheOpenOptions) -> Result<TextFeatureCache, CacheError> {
-        let file = File::open(path).map_err(|source| CacheError::Read { path: path.to_path_buf(), source })?;
+        let file = File::open(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => CacheError::Missing { path: path.to_path_buf() },
+            _ => CacheError::Read { path: path.to_path_buf(), source },
+        })?;
         // SAFETY: read-only mapping of a file cac-edge only ever replaces by rename; see the
         // module documentation for why the bytes cannot change under us.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CacheError::Read { path: path.to_path_buf(), source })?;
@@ -462,6 +544,19 @@ impl TextFeatureCache {
     }
 
     /// Refuses a cache that was not built from this bundle (and, when given, this class list).
+    /// Which class list the cache holds, in one line for every run's summary and `doctor`: a
+    /// cache built for another list is otherwise used without a word when no list is given.
+    /// "60 classes (30 base, 30 new), list 1a2b3c4d: red heart, green triangle, …".
+    pub fn class_list_summary(&self) -> String {
+        let classes = self.num_classes();
+        let base = (0..classes).filter(|&class| self.is_base(class)).count();
+        let digest = self.class_list().digest();
+        let shown: Vec<&str> = self.class_names().iter().take(3).map(String::as_str).collect();
+        let more = if classes > shown.len() { ", …" } else { "" };
+        format!("{classes} classes ({base} base, {} new), list {}: {}{more}", classes - base, &digest[..8], shown.join(", "))
+    }
+
+    /// Checks that the cache was built from `bundle` (and for `classes`, when given).
     pub fn check_matches(&self, bundle: &Bundle, classes: Option<&ClassList>) -> Result<(), CacheError> {
         let stale = |message: String| CacheError::Stale { path: self.path.clone(), message };
         if self.embed_dim != bundle.embed_dim() {

@@ -34,7 +34,7 @@ pub const DAC_NEIGHBOURS: usize = 5;
 pub const DAC_BASE_DISTANCE: f64 = 0.05;
 
 /// How the contrast between fine-tuned and zero-shot logits is measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContrastDistance {
     /// d = (1/C) Σ_c |l_ft,c − l_zs,c|
@@ -103,38 +103,88 @@ impl Calibration {
     }
 }
 
-/// Calibration as asked for by the command line or a bundle's `[calibration]` table: every
-/// field optional. [`CalibrationSettings::resolve`] fills the gaps from a fallback (the bundle,
-/// for the command line) and then from the paper's defaults.
+/// A calibration method, by name (`none`, `cac`, `ts`, `dac`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationMethod {
+    /// The uncalibrated softmax of the fine-tuned logits.
+    None,
+    /// Contrast-Aware Calibration.
+    Cac,
+    /// Temperature scaling (needs a temperature).
+    Ts,
+    /// Distance-Aware Calibration's per-class factors.
+    Dac,
+}
+
+impl std::str::FromStr for CalibrationMethod {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "none" => Ok(CalibrationMethod::None),
+            "cac" => Ok(CalibrationMethod::Cac),
+            "ts" => Ok(CalibrationMethod::Ts),
+            "dac" => Ok(CalibrationMethod::Dac),
+            other => Err(format!("unknown calibration method '{other}': expected none, cac, ts or dac")),
+        }
+    }
+}
+
+impl std::str::FromStr for ContrastDistance {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "logits" => Ok(ContrastDistance::Logits),
+            "probs" => Ok(ContrastDistance::Probs),
+            other => Err(format!("unknown CAC distance '{other}': expected logits or probs")),
+        }
+    }
+}
+
+/// Calibration as asked for by a caller or a bundle's `[calibration]` table: every field
+/// optional. [`CalibrationSettings::resolve`] fills the gaps from a fallback (the bundle, for the
+/// caller) and then from the paper's defaults.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CalibrationSettings {
-    /// none | cac | ts | dac
-    pub method: Option<String>,
+    /// The method; CAC when unset everywhere.
+    pub method: Option<CalibrationMethod>,
+    /// CAC: the weight at zero contrast.
     pub alpha: Option<f64>,
+    /// CAC: the scale of the exponential map.
     pub k: Option<f64>,
-    /// logits | probs
-    pub distance: Option<String>,
+    /// CAC: how the contrast is measured.
+    pub distance: Option<ContrastDistance>,
+    /// Advanced CAC: below λ1 the weight is α.
     pub lambda1: Option<f64>,
+    /// Advanced CAC: above λ2 the weight is held at α·exp(−λ2/k).
     pub lambda2: Option<f64>,
+    /// TS: the temperature.
     pub temperature: Option<f64>,
 }
 
 impl CalibrationSettings {
+    /// Settings that ask for `method` and leave everything else to the fallbacks.
+    pub fn method(method: CalibrationMethod) -> Self {
+        CalibrationSettings { method: Some(method), ..CalibrationSettings::default() }
+    }
+
     /// The settings in force: `self`'s fields, else `fallback`'s — unless `self` names another
     /// method or contrast distance than `fallback`, whose parameters then do not apply (a k
     /// measured for probabilities means nothing for logits) — else the built-in defaults.
     /// `stored_temperature` is a TS temperature fitted by `eval` and kept in the cache.
     pub fn resolve(&self, fallback: &CalibrationSettings, stored_temperature: Option<f64>) -> Result<Calibration, String> {
-        let differs = |mine: &Option<String>, theirs: &Option<String>| mine.is_some() && theirs.is_some() && mine != theirs;
+        fn differs<T: PartialEq>(mine: &Option<T>, theirs: &Option<T>) -> bool {
+            mine.is_some() && theirs.is_some() && mine != theirs
+        }
         let merged = if differs(&self.method, &fallback.method) || differs(&self.distance, &fallback.distance) {
             self.clone()
         } else {
             CalibrationSettings {
-                method: self.method.clone().or_else(|| fallback.method.clone()),
+                method: self.method.or(fallback.method),
                 alpha: self.alpha.or(fallback.alpha),
                 k: self.k.or(fallback.k),
-                distance: self.distance.clone().or_else(|| fallback.distance.clone()),
+                distance: self.distance.or(fallback.distance),
                 lambda1: self.lambda1.or(fallback.lambda1),
                 lambda2: self.lambda2.or(fallback.lambda2),
                 temperature: self.temperature.or(fallback.temperature),
@@ -146,18 +196,16 @@ impl CalibrationSettings {
     }
 
     fn to_calibration(&self, stored_temperature: Option<f64>) -> Result<Calibration, String> {
-        match self.method.as_deref().unwrap_or("cac") {
-            "none" => Ok(Calibration::None),
-            "dac" => Ok(Calibration::Dac),
-            "ts" => self.temperature.or(stored_temperature).map(|temperature| Calibration::Ts { temperature }).ok_or_else(|| {
-                "calibration ts needs a temperature: pass --temperature, or fit one on base validation images with `cac-edge eval`".to_string()
-            }),
-            "cac" => {
-                let distance = match self.distance.as_deref().unwrap_or("logits") {
-                    "logits" => ContrastDistance::Logits,
-                    "probs" => ContrastDistance::Probs,
-                    other => return Err(format!("unknown CAC distance '{other}': expected logits or probs")),
-                };
+        match self.method.unwrap_or(CalibrationMethod::Cac) {
+            CalibrationMethod::None => Ok(Calibration::None),
+            CalibrationMethod::Dac => Ok(Calibration::Dac),
+            CalibrationMethod::Ts => self
+                .temperature
+                .or(stored_temperature)
+                .map(|temperature| Calibration::Ts { temperature })
+                .ok_or_else(|| "calibration ts needs a temperature: give one, or fit one on base validation images (eval)".to_string()),
+            CalibrationMethod::Cac => {
+                let distance = self.distance.unwrap_or(ContrastDistance::Logits);
                 let default_k = match distance {
                     ContrastDistance::Logits => CAC_PAPER_K,
                     ContrastDistance::Probs => CAC_PROBS_DEFAULT_K,
@@ -174,7 +222,6 @@ impl CalibrationSettings {
                     thresholds,
                 }))
             }
-            other => Err(format!("unknown calibration method '{other}': expected none, cac, ts or dac")),
         }
     }
 }
@@ -404,7 +451,8 @@ mod tests {
     }
 
     fn settings(method: &str, distance: Option<&str>, k: Option<f64>) -> CalibrationSettings {
-        CalibrationSettings { method: Some(method.into()), distance: distance.map(Into::into), k, ..Default::default() }
+        let method = Some(method.parse().unwrap());
+        CalibrationSettings { method, distance: distance.map(|distance| distance.parse().unwrap()), k, ..Default::default() }
     }
 
     #[test]
@@ -422,8 +470,9 @@ mod tests {
         assert_eq!(logits.resolve(&bundle, None).unwrap(), Calibration::Cac(CacParams::paper_defaults()));
         // TS takes the command line's temperature, else the stored one, else it is an error.
         assert_eq!(settings("ts", None, None).resolve(&none, Some(1.5)).unwrap(), Calibration::Ts { temperature: 1.5 });
-        assert!(settings("ts", None, None).resolve(&none, None).unwrap_err().contains("--temperature"));
-        assert!(settings("platt", None, None).resolve(&none, None).is_err());
+        assert!(settings("ts", None, None).resolve(&none, None).unwrap_err().contains("needs a temperature"));
+        assert!("platt".parse::<CalibrationMethod>().unwrap_err().contains("expected none, cac, ts or dac"));
+        assert!("l2".parse::<ContrastDistance>().is_err());
     }
 
     #[test]

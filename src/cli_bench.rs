@@ -5,55 +5,48 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::Args;
 
-use cac_edge::bench::{run_bench, BatchResult, BenchOptions, BenchReport, Timing};
-use cac_edge::cache::CacheOpenOptions;
-use cac_edge::pipeline::ClassifierOptions;
-use cac_edge::preprocess::DecodeLimits;
+use cac_edge::tooling::bench::{run_bench, BatchResult, BenchOptions, BenchReport, Timing};
+use cac_edge::{ClassifierOptions, DecodeLimits, Runtime};
 
-use crate::{expand_inputs, RuntimeArgs};
+use crate::cli_args::{ModelArgs, RuntimeArgs, INPUT, OUTPUT};
+use crate::cli_classify::expand_inputs;
+use crate::cli_output::print_stdout;
+
+const MEASURE: &str = "Measurement";
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    #[arg(long)]
-    bundle: PathBuf,
-    #[arg(long)]
-    cache: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Images or directories (searched recursively for image files). All are decoded once and
     /// kept in memory: a few dozen to a few hundred images are enough.
+    #[arg(required = true, value_name = "PATH", help_heading = INPUT)]
     inputs: Vec<PathBuf>,
     /// Batch sizes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32], help_heading = MEASURE)]
     batch_sizes: Vec<usize>,
     /// Measured rounds; each runs every variant once over the whole image list.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..), help_heading = MEASURE)]
+    rounds: u32,
     /// Rounds run first and discarded.
-    #[arg(long, default_value_t = 1)]
-    warmup_rounds: usize,
+    #[arg(long, default_value_t = 1, help_heading = MEASURE)]
+    warmup_rounds: u32,
     /// Print the whole report as JSON instead of the table.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     json: bool,
     /// With --json: also every per-image latency, by variant (to merge several runs).
-    #[arg(long, requires = "json")]
+    #[arg(long, requires = "json", help_heading = OUTPUT)]
     samples: bool,
-    /// Skip hashing the cache data and the image encoders at start-up.
-    #[arg(long)]
-    no_verify: bool,
     #[command(flatten)]
-    runtime: RuntimeArgs,
+    pub(crate) runtime: RuntimeArgs,
 }
 
-pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
-    if args.inputs.is_empty() {
-        bail!(
-            "no images given: pass image files or folders to time the pipeline on, e.g. \
-             `cac-edge bench --bundle onnx/demo --cache calibration-cache/miniworld-demo.safetensors onnx/demo/images`"
-        );
-    }
+pub(crate) fn run(args: &BenchArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
     let (images, missing) = expand_inputs(&args.inputs);
     if !missing.is_empty() {
         let names: Vec<String> = missing.iter().map(|path| path.display().to_string()).collect();
@@ -64,30 +57,26 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
     }
     let options = BenchOptions {
         classifier: ClassifierOptions {
-            ort_library: args.runtime.ort_lib.clone(),
             session: args.runtime.session_options(),
             decode_limits: DecodeLimits::default(),
-            cache: CacheOpenOptions { verify_checksum: !args.no_verify },
-            verify_bundle_files: !args.no_verify,
+            cache: args.model.cache_options(),
+            verify_bundle_files: !args.model.no_verify,
             ..ClassifierOptions::default()
         },
         batch_sizes: args.batch_sizes.clone(),
-        rounds: args.rounds,
-        warmup_rounds: args.warmup_rounds,
+        rounds: args.rounds as usize,
+        warmup_rounds: args.warmup_rounds as usize,
         keep_samples: args.samples,
     };
-    let report = run_bench(&args.bundle, &args.cache, &images, &options, |line| eprintln!("bench: {line}"))?;
+    let report = run_bench(runtime, &args.model.bundle, &args.model.cache, &images, &options, |line| tracing::info!("bench: {line}"))?;
     if let Some(note) = &report.machine.device_note {
-        eprintln!("note: {note}");
+        tracing::info!("note: {note}");
     }
     for skipped in &report.images.skipped {
-        eprintln!("warning: left out {}: {}", skipped.path, skipped.error);
+        tracing::warn!("left out {}: {}", skipped.path, skipped.error);
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", table(&report));
-    }
+    let text = if args.json { serde_json::to_string_pretty(&report)? + "\n" } else { table(&report) };
+    print_stdout(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,7 +4,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
+    /// The calibrated confidence reached the threshold: act on the label.
     Accept,
+    /// Below the threshold: do not act (a human, or a later frame, decides).
     Abstain,
 }
 

@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 use crate::bundle::Bundle;
 use crate::cache::{CacheOpenOptions, TextFeatureCache};
 use crate::encode::Encoder;
-use crate::pipeline::{resolve_calibration, resolve_threshold};
-use crate::runtime::{Runtime, SessionOptions};
+use crate::pipeline::resolve_calibration;
+use crate::runtime::{Runtime, RuntimeError, SessionOptions};
+use crate::threshold;
 
 /// The ONNX Runtime API level this build needs (ort's `api-17` feature).
 pub const REQUIRED_ORT_API: u32 = 17;
 
+/// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Fine.
     Ok,
     /// Works, but worth knowing (e.g. `auto` fell back to CPU).
     Warn,
@@ -23,10 +26,14 @@ pub enum Status {
     Fail,
 }
 
+/// One thing examined.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
+    /// What was examined ("onnxruntime", "cache", …).
     pub name: &'static str,
+    /// How it went.
     pub status: Status,
+    /// What was found.
     pub detail: String,
     /// What to do, for warnings and failures.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,32 +53,42 @@ impl Check {
 /// What to examine.
 #[derive(Debug, Clone, Default)]
 pub struct DoctorRequest {
-    pub ort_library: Option<PathBuf>,
+    /// The session options the encoders would be opened with.
     pub session: SessionOptions,
+    /// A bundle directory to check.
     pub bundle: Option<PathBuf>,
+    /// A cache to check against the bundle.
     pub cache: Option<PathBuf>,
     /// The threshold `classify` would use, reported with the calibration.
     pub threshold: Option<f64>,
 }
 
-/// Runs every check that applies; never panics, never stops at the first problem.
-pub fn examine(request: &DoctorRequest) -> Vec<Check> {
+/// What to do when the ONNX Runtime library is missing or does not load, for someone who
+/// installed cac-edge (no source checkout needed).
+pub const LIBRARY_FIX: &str = "a packaged install keeps the library beside the binary (reinstall the package); \
+     otherwise take libonnxruntime.so.* from the onnxruntime wheel on PyPI (onnxruntime/capi/ inside the zip) \
+     or from a JetPack ONNX Runtime build, and name it with ORT_DYLIB_PATH or --ort-lib \
+     (from a source checkout, scripts/setup-onnxruntime does this)";
+
+/// Runs every check that applies; never panics, never stops at the first problem. `runtime` is
+/// the outcome of loading ONNX Runtime ([`Runtime::load`]): a failure is the first problem shown.
+pub fn examine(request: &DoctorRequest, runtime: Result<&Runtime, &RuntimeError>) -> Vec<Check> {
     let mut checks = vec![machine_check(), threads_check(request.session.intra_threads)];
-    let runtime = match Runtime::load(request.ort_library.as_deref()) {
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
-            checks.push(Check::problem("onnxruntime", Status::Fail, error.to_string(), "see the message above"));
+            checks.push(Check::problem("onnxruntime", Status::Fail, error.to_string(), LIBRARY_FIX));
             return checks;
         }
     };
-    checks.push(library_check(&runtime));
-    checks.push(provider_check(&runtime, &request.session));
+    checks.push(library_check(runtime));
+    checks.push(provider_check(runtime, &request.session));
     let Some(bundle_dir) = &request.bundle else {
         return checks;
     };
     match Bundle::open(bundle_dir) {
         Ok(bundle) => {
-            checks.extend(bundle_checks(&runtime, &bundle, &request.session));
+            checks.extend(bundle_checks(runtime, &bundle, &request.session));
             if let Some(cache) = &request.cache {
                 checks.extend(cache_checks(&bundle, cache, request.threshold));
             }
@@ -80,7 +97,7 @@ pub fn examine(request: &DoctorRequest) -> Vec<Check> {
             "bundle",
             Status::Fail,
             error.to_string(),
-            "point --bundle at a directory written by onnx/export.py",
+            "give the directory of a bundle written by onnx/export.py (it holds bundle.toml)",
         )),
     }
     checks
@@ -97,20 +114,30 @@ fn threads_check(intra_threads: Option<usize>) -> Check {
     Check::ok("threads", format!("{cores} logical cores available; intra-op threads: {threads}"))
 }
 
-/// "model name" on x86, the implementer/part codes on ARM (Jetson Orin: 0x41/0xd42, Cortex-A78AE).
-fn cpu_model() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+/// The CPU's name: /proc/cpuinfo's "model name" (x86), else "Hardware" or "Model" (Arm boards),
+/// else the implementer/part codes (Jetson Orin: 0x41/0xd42, Cortex-A78AE), else the device
+/// tree's model.
+pub fn cpu_model() -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |key: &str| {
-        text.lines()
-            .find(|line| line.split(':').next().is_some_and(|name| name.trim() == key))
-            .and_then(|line| line.split_once(':').map(|(_, value)| value.trim().to_string()))
+        cpuinfo.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name.trim() == key && !value.trim().is_empty()).then(|| value.trim().to_string())
+        })
     };
-    field("model name").or_else(|| {
+    let arm_part = || {
         let part = field("CPU part")?;
         let implementer = field("CPU implementer").unwrap_or_default();
         let known = if implementer == "0x41" && part == "0xd42" { " (Cortex-A78AE, Jetson Orin)" } else { "" };
         Some(format!("implementer {implementer} part {part}{known}"))
-    })
+    };
+    let device_tree = || {
+        std::fs::read_to_string("/proc/device-tree/model")
+            .ok()
+            .map(|model| model.trim_end_matches('\0').trim().to_string())
+            .filter(|model| !model.is_empty())
+    };
+    field("model name").or_else(|| field("Hardware")).or_else(|| field("Model")).or_else(arm_part).or_else(device_tree)
 }
 
 fn library_check(runtime: &Runtime) -> Check {
@@ -139,11 +166,11 @@ fn provider_check(runtime: &Runtime, session: &SessionOptions) -> Check {
         Ok(chosen) if chosen.fallback_reason.is_some() => Check::problem(
             "execution provider",
             Status::Warn,
-            format!("available: {available}; selected: {} ({})", chosen.name, chosen.fallback_reason.unwrap_or_default()),
+            format!("available: {available}; selected: {} ({})", chosen.provider, chosen.fallback_reason.unwrap_or_default()),
             "for GPU inference on Jetson, install a JetPack build of ONNX Runtime with CUDA/TensorRT and set ORT_DYLIB_PATH (cross/README.md)",
         ),
-        Ok(chosen) => Check::ok("execution provider", format!("available: {available}; selected: {}", chosen.name)),
-        Err(error) => Check::problem("execution provider", Status::Fail, error.to_string(), "use --device auto or cpu"),
+        Ok(chosen) => Check::ok("execution provider", format!("available: {available}; selected: {}", chosen.provider)),
+        Err(error) => Check::problem("execution provider", Status::Fail, error.to_string(), "choose the auto or cpu device"),
     }
 }
 
@@ -167,7 +194,7 @@ fn bundle_checks(runtime: &Runtime, bundle: &Bundle, session: &SessionOptions) -
             Encoder::open_text(runtime, &path, session, bundle.context_length(), dim)
         };
         checks.push(match opened {
-            Ok(encoder) => Check::ok(name, format!("{} loads on {}, embeds to {dim}", path.display(), encoder.device().name)),
+            Ok(encoder) => Check::ok(name, format!("{} loads on {}, embeds to {dim}", path.display(), encoder.device().provider)),
             Err(error) => Check::problem(name, Status::Fail, error.to_string(), "re-export the bundle with onnx/export.py"),
         });
     }
@@ -184,15 +211,13 @@ fn cache_checks(bundle: &Bundle, path: &Path, threshold: Option<f64>) -> Vec<Che
         Ok(cache) => cache,
         Err(error) => return vec![Check::problem("cache", Status::Fail, error.to_string(), rebuild)],
     };
-    let base = (0..cache.num_classes()).filter(|&class| cache.is_base(class)).count();
     let mut checks = vec![match cache.check_matches(bundle, None) {
         Ok(()) => Check::ok(
             "cache",
             format!(
-                "{}: {} classes ({base} base, {} new), dim {}, built from this bundle",
+                "{}: {}, dim {}, built from this bundle, data checksum verified",
                 path.display(),
-                cache.num_classes(),
-                cache.num_classes() - base,
+                cache.class_list_summary(),
                 cache.embed_dim()
             ),
         ),
@@ -206,12 +231,12 @@ fn cache_checks(bundle: &Bundle, path: &Path, threshold: Option<f64>) -> Vec<Che
                 calibration.name(),
                 serde_json::to_string(&calibration).unwrap_or_default(),
                 {
-                    let threshold = resolve_threshold(threshold, &cache, &calibration);
+                    let threshold = threshold::resolve(threshold, &cache, &calibration);
                     format!("{} ({})", threshold.value, threshold.source)
                 }
             ),
         ),
-        Err(error) => Check::problem("calibration", Status::Fail, error.to_string(), "pass --calibration explicitly"),
+        Err(error) => Check::problem("calibration", Status::Fail, error.to_string(), "choose a calibration explicitly"),
     });
     checks
 }

@@ -1,29 +1,59 @@
-//! `cac-edge`: the command line over the `cac_edge` library.
+//! `cac-edge`: the command line over the `cac_edge` library. Each command lives in its own
+//! `cli_*` file; this one parses, sets up logging, loads ONNX Runtime once, and turns the outcome
+//! into an exit code.
 //!
-//! Exit codes: 0 every image classified; 1 some images failed (the others are reported);
-//! 2 nothing could run (bad arguments, bundle, cache or ONNX Runtime library).
+//! Exit codes: 0 every image classified (or stdout closed by its reader); 1 some images failed
+//! (the others are reported) or none were found; 2 nothing could run (bad arguments, bundle,
+//! cache or ONNX Runtime library).
 
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand};
 
-use cac_edge::bundle::Bundle;
-use cac_edge::doctor::{self, DoctorRequest};
-use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
-use cac_edge::calibrate::CalibrationSettings;
-use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
-use cac_edge::preprocess::{has_image_extension, DecodeLimits};
-use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
-use cac_edge::runtime::{Device, Runtime, SessionOptions};
+use cac_edge::Runtime;
 
+mod cli_args;
+#[cfg(feature = "tooling")]
 mod cli_bench;
+mod cli_cache;
+mod cli_classify;
+mod cli_doctor;
+mod cli_errors;
+#[cfg(feature = "tooling")]
 mod cli_eval;
+mod cli_output;
+
+use cli_args::RuntimeArgs;
+
+/// `--version`: the release, the commit, the ONNX Runtime API level and the features built in.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CAC_EDGE_GIT_COMMIT"),
+    "; ONNX Runtime API level ",
+    "17",
+    "+; features: ",
+    env!("CAC_EDGE_FEATURES"),
+    ")"
+);
 
 #[derive(Parser)]
-#[command(name = "cac-edge", version, about = "Calibrated open-vocabulary CLIP classification on edge devices")]
+#[command(
+    name = "cac-edge",
+    version = VERSION,
+    about = "Calibrated open-vocabulary CLIP classification on edge devices",
+    long_about = "Calibrated open-vocabulary CLIP classification on edge devices.\n\n\
+        Runs a fine-tuned CLIP classifier (a bundle of ONNX encoders) through ONNX Runtime and gives \
+        every prediction a confidence calibrated by Contrast-Aware Calibration, so a threshold like \
+        \"act if confidence >= 0.8\" holds for classes added by name as well as trained ones.\n\n\
+        Typical use: `cache build` once per bundle and class list, then `classify` images; \
+        `doctor` checks a box; `eval` measures calibration on labeled images.",
+    max_term_width = 100
+)]
 struct Cli {
+    #[command(flatten)]
+    verbosity: cli_output::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,387 +62,65 @@ struct Cli {
 enum Command {
     /// Build or inspect the text-feature cache of a bundle and a class list.
     #[command(subcommand)]
-    Cache(CacheCommand),
+    Cache(cli_cache::CacheCommand),
     /// Classify images: one JSON line per image on stdout, a summary on stderr.
-    Classify(ClassifyArgs),
+    Classify(Box<cli_classify::ClassifyArgs>),
     /// Check this box: ONNX Runtime, execution providers, CPU, bundle and cache.
-    Doctor(DoctorArgs),
+    Doctor(cli_doctor::DoctorArgs),
     /// Calibration report on a labeled image set: metrics, reliability diagrams, thresholds.
-    Eval(cli_eval::EvalArgs),
+    #[cfg(feature = "tooling")]
+    Eval(Box<cli_eval::EvalArgs>),
     /// Measure latency and throughput of the encoder and the full pipeline.
+    #[cfg(feature = "tooling")]
     Bench(cli_bench::BenchArgs),
-}
-
-#[derive(Args)]
-struct DoctorArgs {
-    #[arg(long)]
-    bundle: Option<PathBuf>,
-    #[arg(long, requires = "bundle")]
-    cache: Option<PathBuf>,
-    /// The threshold classify will be run with (reported with the calibration).
-    #[arg(long)]
-    threshold: Option<f64>,
-    /// Print the checks as JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-}
-
-#[derive(Subcommand)]
-enum CacheCommand {
-    /// Encode every class name with both text encoders and write the cache.
-    Build(CacheBuildArgs),
-    /// Print what a cache holds.
-    Info {
-        #[arg(long)]
-        cache: PathBuf,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
-}
-
-#[derive(Args)]
-pub(crate) struct RuntimeArgs {
-    /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, then beside the executable, then
-    /// ~/.local/share/cac-edge/onnxruntime/<arch>/, where scripts/setup-onnxruntime installs it).
-    #[arg(long, global = true)]
-    pub(crate) ort_lib: Option<PathBuf>,
-    /// Execution provider: cpu, cuda, tensorrt, or auto (TensorRT, else CUDA, else CPU).
-    #[arg(long, default_value = "auto", global = true)]
-    pub(crate) device: Device,
-    /// Intra-op threads (default: ONNX Runtime's choice, one per physical core).
-    #[arg(long, global = true)]
-    pub(crate) threads: Option<usize>,
-    /// CUDA/TensorRT device id.
-    #[arg(long, default_value_t = 0, global = true)]
-    pub(crate) gpu: i32,
-    /// TensorRT: build FP16 engines.
-    #[arg(long, global = true)]
-    pub(crate) tensorrt_fp16: bool,
-    /// TensorRT: builder workspace in bytes (default: ONNX Runtime's).
-    #[arg(long, global = true)]
-    pub(crate) tensorrt_workspace: Option<usize>,
-    /// TensorRT: directory for built engines, kept across runs and reboots (one subdirectory
-    /// per model content hash and ONNX Runtime version).
-    #[arg(long, global = true)]
-    pub(crate) tensorrt_cache: Option<PathBuf>,
-}
-
-impl RuntimeArgs {
-    pub(crate) fn session_options(&self) -> SessionOptions {
-        SessionOptions {
-            device: self.device,
-            intra_threads: self.threads,
-            cuda_device_id: self.gpu,
-            tensorrt_fp16: self.tensorrt_fp16,
-            tensorrt_workspace: self.tensorrt_workspace,
-            tensorrt_engine_cache: self.tensorrt_cache.clone(),
-        }
-    }
-}
-
-#[derive(Args)]
-struct CacheBuildArgs {
-    #[arg(long)]
-    bundle: PathBuf,
-    /// Deployed class names, one per line.
-    #[arg(long)]
-    classes: PathBuf,
-    /// Base classes (those the fine-tuned model was trained on), one per line.
-    #[arg(long)]
-    base: PathBuf,
-    /// Where to write the cache (default: calibration-cache/<bundle name>.safetensors).
-    #[arg(long)]
-    output: Option<PathBuf>,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-}
-
-/// How confidences are calibrated (shared by classify and eval).
-#[derive(Args)]
-pub(crate) struct CalibrationArgs {
-    /// Calibration method (default: the bundle's, else cac).
-    #[arg(long, value_parser = ["none", "cac", "ts", "dac"])]
-    pub(crate) calibration: Option<String>,
-    /// CAC: α, the weight at zero contrast (default: the bundle's, else 1.10).
-    #[arg(long)]
-    pub(crate) cac_alpha: Option<f64>,
-    /// CAC: k of the exponential map (default: the bundle's, else 15 for logits, 2 for probs).
-    #[arg(long)]
-    pub(crate) cac_k: Option<f64>,
-    /// CAC: contrast measured on logits (mean |Δ|) or probabilities (L1) (default: the
-    /// bundle's, else logits).
-    #[arg(long, value_parser = ["logits", "probs"])]
-    pub(crate) cac_distance: Option<String>,
-    /// Advanced CAC: below λ1 the weight is α.
-    #[arg(long, requires = "cac_lambda2")]
-    pub(crate) cac_lambda1: Option<f64>,
-    /// Advanced CAC: above λ2 the weight is held at α·exp(−λ2/k).
-    #[arg(long, requires = "cac_lambda1")]
-    pub(crate) cac_lambda2: Option<f64>,
-    /// TS temperature (default: the one `eval` stored in the cache).
-    #[arg(long)]
-    pub(crate) temperature: Option<f64>,
-}
-
-impl CalibrationArgs {
-    pub(crate) fn settings(&self) -> CalibrationSettings {
-        CalibrationSettings {
-            method: self.calibration.clone(),
-            alpha: self.cac_alpha,
-            k: self.cac_k,
-            distance: self.cac_distance.clone(),
-            lambda1: self.cac_lambda1,
-            lambda2: self.cac_lambda2,
-            temperature: self.temperature,
-        }
-    }
-}
-
-#[derive(Args)]
-struct ClassifyArgs {
-    #[arg(long)]
-    bundle: PathBuf,
-    #[arg(long)]
-    cache: PathBuf,
-    /// Images or directories (searched recursively for image files).
-    #[arg(required = true)]
-    inputs: Vec<PathBuf>,
-    /// Accept a prediction when its calibrated confidence is at least this (default: the one
-    /// `eval --write-threshold` stored in the cache for this calibration, else 0.8).
-    #[arg(long)]
-    threshold: Option<f64>,
-    #[arg(long, default_value_t = 3)]
-    top_k: usize,
-    #[command(flatten)]
-    calibration: CalibrationArgs,
-    /// Images per encoder run.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Refuse images wider or taller than this before decoding them.
-    #[arg(long, default_value_t = DecodeLimits::default().max_width)]
-    max_image_side: u32,
-    /// Check that the cache was built for this class list (with --base).
-    #[arg(long, requires = "base")]
-    classes: Option<PathBuf>,
-    #[arg(long, requires = "classes")]
-    base: Option<PathBuf>,
-    /// Skip hashing the cache data and the image encoders at start-up.
-    #[arg(long)]
-    no_verify: bool,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-}
-
-impl ClassifyArgs {
-    fn options(&self) -> Result<ClassifierOptions> {
-        let expected_classes = match (&self.classes, &self.base) {
-            (Some(classes), Some(base)) => Some(ClassList::from_files(classes, base)?),
-            _ => None,
-        };
-        let limits = DecodeLimits { max_width: self.max_image_side, max_height: self.max_image_side, ..DecodeLimits::default() };
-        Ok(ClassifierOptions {
-            ort_library: self.runtime.ort_lib.clone(),
-            session: self.runtime.session_options(),
-            calibration: self.calibration.settings(),
-            threshold: self.threshold,
-            top_k: self.top_k,
-            decode_limits: limits,
-            batch_size: self.batch_size,
-            cache: CacheOpenOptions { verify_checksum: !self.no_verify },
-            verify_bundle_files: !self.no_verify,
-            expected_classes,
-        })
-    }
+    /// Print the man page (roff) on stdout: `cac-edge man > cac-edge.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let outcome = match cli.command {
-        Command::Cache(CacheCommand::Build(args)) => cache_build(&args).map(|()| ExitCode::SUCCESS),
-        Command::Cache(CacheCommand::Info { cache }) => cache_info(&cache).map(|()| ExitCode::SUCCESS),
-        Command::Classify(args) => classify(&args),
-        Command::Doctor(args) => doctor(&args),
-        Command::Eval(args) => cli_eval::run(&args),
-        Command::Bench(args) => cli_bench::run(&args),
-    };
-    outcome.unwrap_or_else(|error| {
-        eprintln!("error: {error:#}");
-        ExitCode::from(2)
-    })
-}
-
-fn cache_build(args: &CacheBuildArgs) -> Result<()> {
-    args.runtime.session_options().validate().map_err(anyhow::Error::msg)?;
-    let bundle = Bundle::open(&args.bundle)?;
-    let classes = ClassList::from_files(&args.classes, &args.base)?;
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| Path::new("calibration-cache").join(format!("{}.safetensors", bundle.name())));
-    let runtime = Runtime::load(args.runtime.ort_lib.as_deref())?;
-    build_cache(&runtime, &bundle, &classes, &args.runtime.session_options(), &output)
-        .with_context(|| format!("building the cache {}", output.display()))?;
-    let base = classes.is_base.iter().filter(|&&base| base).count();
-    eprintln!(
-        "wrote {} ({} classes: {} base, {} new)",
-        output.display(),
-        classes.names.len(),
-        base,
-        classes.names.len() - base
-    );
-    println!("{}", output.display());
-    Ok(())
-}
-
-fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
-    let request = DoctorRequest {
-        ort_library: args.runtime.ort_lib.clone(),
-        session: args.runtime.session_options(),
-        bundle: args.bundle.clone(),
-        cache: args.cache.clone(),
-        threshold: args.threshold,
-    };
-    let checks = doctor::examine(&request);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
-    } else {
-        for check in &checks {
-            let status = match check.status {
-                doctor::Status::Ok => "ok  ",
-                doctor::Status::Warn => "WARN",
-                doctor::Status::Fail => "FAIL",
-            };
-            println!("[{status}] {}: {}", check.name, check.detail);
-            if let Some(fix) = &check.fix {
-                println!("       fix: {fix}");
+    cli_output::init_logging(&cli.verbosity);
+    match run(cli.command) {
+        Ok(code) => code,
+        // `cac-edge … | head -1`: the reader has what it wanted.
+        Err(error) if cli_errors::is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{}", cli_errors::error_chain(&error));
+            if let Some(hint) = cli_errors::hint(&error) {
+                tracing::info!("hint: {hint}");
             }
-        }
-    }
-    Ok(if doctor::healthy(&checks) { ExitCode::SUCCESS } else { ExitCode::from(2) })
-}
-
-fn cache_info(path: &Path) -> Result<()> {
-    let cache = TextFeatureCache::open(path, CacheOpenOptions::default())?;
-    let mut metadata: Vec<_> = cache.metadata().iter().collect();
-    metadata.sort();
-    for (key, value) in metadata {
-        println!("{key}: {value}");
-    }
-    for (class, name) in cache.class_names().iter().enumerate() {
-        let kind = if cache.is_base(class) { "base" } else { "new" };
-        println!("class {class}: {name} ({kind}, dac factor {:.4})", cache.dac_factors()[class]);
-    }
-    Ok(())
-}
-
-fn classify(args: &ClassifyArgs) -> Result<ExitCode> {
-    let mut classifier = Classifier::open(&args.bundle, &args.cache, args.options()?)?;
-    if let Some(reason) = &classifier.device().fallback_reason {
-        eprintln!("note: {reason}");
-    }
-    let context = RecordContext {
-        calibration: classifier.calibration().name(),
-        device: classifier.device().name,
-        threshold: classifier.threshold(),
-    };
-    let (paths, missing) = expand_inputs(&args.inputs);
-    let mut summary = Summary::default();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut write_error = None;
-    for path in &missing {
-        summary.record(None);
-        let failure = FailureRecord { path: path.display().to_string(), error: "no such file or directory".into() };
-        eprintln!("{}: no such file or directory; check the path", path.display());
-        write_json_line(&mut out, &failure).context("writing results to stdout")?;
-    }
-    classifier.classify_files(&paths, |path, outcome| {
-        let written = match outcome {
-            Ok(prediction) => {
-                summary.record(Some(prediction.decision));
-                write_json_line(&mut out, &context.record(path, prediction))
-            }
-            Err(error) => {
-                summary.record(None);
-                eprintln!("{error}");
-                write_json_line(&mut out, &FailureRecord { path: path.display().to_string(), error: error.to_string() })
-            }
-        };
-        if let Err(error) = written {
-            write_error.get_or_insert(error);
-        }
-    });
-    if let Some(error) = write_error {
-        return Err(error).context("writing results to stdout");
-    }
-    let threshold = classifier.threshold_source();
-    eprintln!(
-        "{summary} (calibration {}, threshold {} from {}, device {})",
-        context.calibration, threshold.value, threshold.source, context.device
-    );
-    Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-/// What every JSON line repeats about the run.
-struct RecordContext {
-    calibration: &'static str,
-    device: &'static str,
-    threshold: f64,
-}
-
-impl RecordContext {
-    fn record(&self, path: &Path, prediction: Prediction) -> PredictionRecord {
-        PredictionRecord {
-            path: path.display().to_string(),
-            label: prediction.label,
-            base: prediction.is_base,
-            confidence: prediction.confidence,
-            uncalibrated_confidence: prediction.uncalibrated_confidence,
-            decision: prediction.decision,
-            threshold: self.threshold,
-            calibration: self.calibration,
-            weight: prediction.weight,
-            contrast: prediction.contrast,
-            top_k: prediction
-                .top_k
-                .into_iter()
-                .map(|ranked| Ranked { label: ranked.label, confidence: ranked.confidence })
-                .collect(),
-            device: self.device,
+            ExitCode::from(2)
         }
     }
 }
 
-/// Files are taken as given (whatever their extension: the content decides); directories are
-/// searched recursively for files with image extensions, in sorted order. Returns the files and
-/// the inputs that do not exist.
-pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let mut files = Vec::new();
-    let mut missing = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            collect_images(input, &mut files);
-        } else if input.exists() {
-            files.push(input.clone());
-        } else {
-            missing.push(input.clone());
+fn run(command: Command) -> Result<ExitCode> {
+    // ONNX Runtime is loaded once, here, by the commands that run encoders, and handed to them.
+    let load = |args: &RuntimeArgs| Runtime::load(args.ort_lib.as_deref());
+    match &command {
+        Command::Cache(cli_cache::CacheCommand::Build(args)) => cli_cache::build(args, &load(&args.runtime)?).map(|()| ExitCode::SUCCESS),
+        Command::Cache(cli_cache::CacheCommand::Info { cache }) => cli_cache::info(cache).map(|()| ExitCode::SUCCESS),
+        Command::Classify(args) => cli_classify::run(args, &load(&args.runtime)?),
+        // doctor reports a library that does not load as its first failed check.
+        Command::Doctor(args) => cli_doctor::run(args, load(&args.runtime).as_ref()),
+        #[cfg(feature = "tooling")]
+        Command::Eval(args) => cli_eval::run(args, &load(&args.runtime)?),
+        #[cfg(feature = "tooling")]
+        Command::Bench(args) => cli_bench::run(args, &load(&args.runtime)?),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "cac-edge", &mut script);
+            cli_output::print_stdout(&String::from_utf8_lossy(&script)).map(|()| ExitCode::SUCCESS)
         }
-    }
-    (files, missing)
-}
-
-fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        eprintln!("warning: cannot read directory {}", dir.display());
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
-    paths.sort();
-    for path in paths {
-        if path.is_dir() {
-            collect_images(&path, files);
-        } else if has_image_extension(&path) {
-            files.push(path);
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            cli_output::print_stdout(&String::from_utf8_lossy(&page)).map(|()| ExitCode::SUCCESS)
         }
     }
 }

@@ -3,6 +3,7 @@
 //! decide. This is the library entry point; the CLI and a camera mode are thin layers on it.
 
 use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ use image::RgbImage;
 use ndarray::{Array2, Array4, ArrayView1, Axis};
 
 use crate::bundle::{Bundle, BundleError};
-use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache, THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
+use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
+use crate::threshold::{self, Threshold};
 use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
@@ -18,22 +20,43 @@ use crate::logits::{batch_logits, BatchLogits, LogitScales};
 use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig, PreprocessError};
 use crate::runtime::{ChosenDevice, Runtime, RuntimeError, SessionOptions};
 
+/// Everything that can go wrong opening a [`Classifier`] or classifying with it.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// ONNX Runtime could not be loaded or a session created.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The bundle is missing, invalid, or its files do not match their hashes.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// The cache is missing, invalid, stale, or built for another bundle or class list.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// An encoder run failed.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// An image file could not be read or decoded.
     #[error("{path}: {source}")]
-    Image { path: PathBuf, source: PreprocessError },
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: PreprocessError,
+    },
+    /// A decoded frame could not be preprocessed.
     #[error("frame {index}: {source}")]
-    Frame { index: usize, source: PreprocessError },
+    Frame {
+        /// Its position among the frames given.
+        index: usize,
+        /// Why.
+        #[source]
+        source: PreprocessError,
+    },
+    /// The logits could not be calibrated (non-finite encoder output).
     #[error(transparent)]
     Calibration(#[from] CalibrationError),
+    /// An option is out of range or contradicts another.
     #[error("invalid option: {0}")]
     Option(String),
     /// The encoder run of the batch an image was in failed.
@@ -44,19 +67,21 @@ pub enum PipelineError {
 /// How a [`Classifier`] is opened and what it decides.
 #[derive(Debug, Clone)]
 pub struct ClassifierOptions {
-    /// `--ort-lib`: the ONNX Runtime library; `None` searches the default locations.
-    pub ort_library: Option<PathBuf>,
+    /// Execution provider, threads and GPU options of the encoder sessions.
     pub session: SessionOptions,
     /// The caller's calibration settings; unset fields come from the bundle's `[calibration]`,
     /// then from the paper's CAC defaults (see `CalibrationSettings::resolve`).
     pub calibration: CalibrationSettings,
     /// Accept a prediction at this calibrated confidence; `None`: the threshold `eval` stored in
-    /// the cache for the calibration in force, else [`DEFAULT_THRESHOLD`].
+    /// the cache for the calibration in force, else [`threshold::DEFAULT_THRESHOLD`].
     pub threshold: Option<f64>,
+    /// How many classes each prediction ranks.
     pub top_k: usize,
+    /// Limits on the files and frames decoded (size, pixels, memory).
     pub decode_limits: DecodeLimits,
     /// Images per encoder run.
     pub batch_size: usize,
+    /// How the cache is opened (checksum verification).
     pub cache: CacheOpenOptions,
     /// Hash the image encoders against the manifest before loading them.
     pub verify_bundle_files: bool,
@@ -67,7 +92,6 @@ pub struct ClassifierOptions {
 impl Default for ClassifierOptions {
     fn default() -> Self {
         ClassifierOptions {
-            ort_library: None,
             session: SessionOptions::default(),
             calibration: CalibrationSettings::default(),
             threshold: None,
@@ -81,27 +105,39 @@ impl Default for ClassifierOptions {
     }
 }
 
-/// One classified image.
-#[derive(Debug, Clone, PartialEq)]
+/// One classified image. Serialised as the fields of a JSON output line (see docs/FORMATS.md).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Prediction {
+    /// Index of the predicted class in the cache's class list.
+    #[serde(skip)]
     pub class: usize,
+    /// The predicted class name.
     pub label: String,
+    /// Whether the predicted class is a base (trained) class or a new one added by name.
+    #[serde(rename = "base")]
     pub is_base: bool,
     /// Calibrated confidence of `label`.
     pub confidence: f64,
+    /// The fine-tuned model's own softmax confidence of `label`.
     pub uncalibrated_confidence: f64,
+    /// Accept or abstain, against the threshold in force.
     pub decision: Decision,
     /// Multiplier applied to the fine-tuned logits by the calibration.
     pub weight: f64,
+    /// CAC's contrast d(x), when CAC is the method.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub contrast: Option<f64>,
     /// The best classes, best first.
     pub top_k: Vec<RankedClass>,
 }
 
 /// One entry of a prediction's top-k.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RankedClass {
+    /// Index in the cache's class list.
+    #[serde(skip)]
     pub class: usize,
+    /// The class name.
     pub label: String,
     /// Calibrated confidence.
     pub confidence: f64,
@@ -110,12 +146,14 @@ pub struct RankedClass {
 /// L2-normalised image embeddings of a batch, rows = images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageEmbeddings {
+    /// The original CLIP image encoder's embeddings.
     pub zero_shot: Array2<f32>,
     /// The fine-tuned image encoder's embeddings; `None` when the bundle shares the zero-shot
     /// image encoder (CoOp-style prompt learning).
     pub fine_tuned: Option<Array2<f32>>,
 }
 
+/// A bundle and its cache, opened once; classifies frames and files.
 pub struct Classifier {
     bundle: Bundle,
     cache: TextFeatureCache,
@@ -129,11 +167,19 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    pub fn open(bundle_dir: &Path, cache_path: &Path, options: ClassifierOptions) -> Result<Classifier, PipelineError> {
+    /// Opens the bundle in `bundle_dir` and the text-feature cache at `cache_path` (checked
+    /// against the bundle, and against `options.expected_classes` when given), and creates the
+    /// image encoder sessions in `runtime`.
+    pub fn open(
+        runtime: &Arc<Runtime>,
+        bundle_dir: &Path,
+        cache_path: &Path,
+        options: ClassifierOptions,
+    ) -> Result<Classifier, PipelineError> {
         if let Some(threshold) = options.threshold {
             validate_threshold(threshold).map_err(PipelineError::Option)?;
         }
-        options.session.validate().map_err(PipelineError::Option)?;
+        options.session.validate()?;
         if options.batch_size == 0 {
             return Err(PipelineError::Option("batch size must be at least 1".into()));
         }
@@ -152,34 +198,34 @@ impl Classifier {
                     Ok(())
                 }
             });
-            let opened = open_image_encoders(&bundle, &options, preprocess.image_size);
+            let opened = open_image_encoders(runtime, &bundle, &options, preprocess.image_size);
             let panicked = || PipelineError::Batch("a start-up check stopped unexpectedly".into());
             (checked.join().unwrap_or_else(|_| Err(panicked())), verified.join().unwrap_or_else(|_| Err(panicked())), opened)
         });
         let (cache, calibration, threshold) = checked?;
         verified?;
-        let (runtime, image_zs, image_ft) = opened?;
+        let (image_zs, image_ft) = opened?;
+        let runtime = Arc::clone(runtime);
         Ok(Classifier { bundle, cache, image_zs, image_ft, preprocess, calibration, threshold, options, _runtime: runtime })
     }
 
+    /// The bundle.
     pub fn bundle(&self) -> &Bundle {
         &self.bundle
     }
 
+    /// The text-feature cache.
     pub fn cache(&self) -> &TextFeatureCache {
         &self.cache
     }
 
+    /// The calibration in force.
     pub fn calibration(&self) -> &Calibration {
         &self.calibration
     }
 
-    pub fn threshold(&self) -> f64 {
-        self.threshold.value
-    }
-
-    /// The threshold and where it came from.
-    pub fn threshold_source(&self) -> Threshold {
+    /// The decision threshold in force, and where it came from.
+    pub fn threshold(&self) -> Threshold {
         self.threshold
     }
 
@@ -188,11 +234,19 @@ impl Classifier {
         self.image_zs.device()
     }
 
+    /// The deployed class names, in cache order.
     pub fn class_names(&self) -> &[String] {
         self.cache.class_names()
     }
 
-    /// Classifies decoded RGB frames (a camera mode's entry point).
+    /// Classifies one decoded RGB frame (a camera's entry point).
+    pub fn classify_frame(&mut self, frame: &RgbImage) -> Result<Prediction, PipelineError> {
+        let mut predictions = self.classify_frames(std::slice::from_ref(frame))?;
+        predictions.pop().ok_or_else(|| PipelineError::Batch("the encoder returned no row".into()))
+    }
+
+    /// Classifies decoded RGB frames, in batches of the configured size (several cameras' frames
+    /// share one encoder run).
     pub fn classify_frames(&mut self, frames: &[RgbImage]) -> Result<Vec<Prediction>, PipelineError> {
         let logits = self.logits(frames)?;
         self.predictions(&logits)
@@ -238,7 +292,13 @@ impl Classifier {
     ///
     /// Decoding and preprocessing of the next batch run on a second thread while the encoder
     /// works on the current one (at most one batch ahead, so memory stays bounded).
-    pub fn classify_files(&mut self, paths: &[PathBuf], mut report: impl FnMut(&Path, Result<Prediction, PipelineError>)) {
+    /// `report` returns [`ControlFlow::Break`] to stop early (a closed output): the batch being
+    /// reported is the last one encoded.
+    pub fn classify_files(
+        &mut self,
+        paths: &[PathBuf],
+        mut report: impl FnMut(&Path, Result<Prediction, PipelineError>) -> ControlFlow<()>,
+    ) {
         let batch_size = self.options.batch_size;
         let limits = self.options.decode_limits.clone();
         let config = self.preprocess.clone();
@@ -251,13 +311,17 @@ impl Classifier {
                     }
                 }
             });
+            // Leaving this loop drops the receiver, which ends the decoding thread at its next send.
             for (chunk, prepared) in paths.chunks(batch_size).zip(receiver) {
                 let decoded = prepared.failures.iter().filter(|failure| failure.is_none()).count();
                 let mut predictions = self.classify_prepared(prepared.pixels, decoded).into_iter();
                 for (path, failure) in chunk.iter().zip(prepared.failures) {
-                    match failure {
-                        Some(error) => report(path, Err(error)),
-                        None => report(path, predictions.next().unwrap_or_else(|| Err(PipelineError::Batch("missing row".into())))),
+                    let outcome = match failure {
+                        Some(error) => Err(error),
+                        None => predictions.next().unwrap_or_else(|| Err(PipelineError::Batch("missing row".into()))),
+                    };
+                    if report(path, outcome).is_break() {
+                        return;
                     }
                 }
             }
@@ -270,6 +334,11 @@ impl Classifier {
         pixels: Result<Array4<f32>, PipelineError>,
         decoded: usize,
     ) -> Vec<Result<Prediction, PipelineError>> {
+        // A batch in which every image failed to decode has nothing to encode: running the
+        // encoder on zero rows only makes ONNX Runtime log a shape error.
+        if decoded == 0 {
+            return Vec::new();
+        }
         let outcome = pixels.and_then(|pixels| {
             let logits = self.logits_of_pixels(pixels)?;
             self.predictions(&logits)
@@ -381,21 +450,21 @@ fn open_checked_cache(
     let cache = TextFeatureCache::open(cache_path, options.cache)?;
     cache.check_matches(bundle, options.expected_classes.as_ref())?;
     let calibration = resolve_calibration(&options.calibration, bundle, &cache)?;
-    let threshold = resolve_threshold(options.threshold, &cache, &calibration);
+    let threshold = threshold::resolve(options.threshold, &cache, &calibration);
     Ok((cache, calibration, threshold))
 }
 
-/// The ONNX Runtime library and the image encoder sessions (the fine-tuned one if the bundle has it).
+/// The image encoder sessions (the fine-tuned one if the bundle has it).
 fn open_image_encoders(
+    runtime: &Runtime,
     bundle: &Bundle,
     options: &ClassifierOptions,
     image_size: u32,
-) -> Result<(Arc<Runtime>, Encoder, Option<Encoder>), PipelineError> {
-    let runtime = Runtime::load(options.ort_library.as_deref())?;
-    let open = |path: &Path| Encoder::open_image(&runtime, path, &options.session, image_size, bundle.embed_dim());
+) -> Result<(Encoder, Option<Encoder>), PipelineError> {
+    let open = |path: &Path| Encoder::open_image(runtime, path, &options.session, image_size, bundle.embed_dim());
     let image_zs = open(&bundle.image_zs_path())?;
     let image_ft = bundle.image_ft_path().map(|path| open(&path)).transpose()?;
-    Ok((runtime, image_zs, image_ft))
+    Ok((image_zs, image_ft))
 }
 
 /// A logit row as a slice: rows of the owned, standard-layout logit matrices are contiguous,
@@ -456,38 +525,4 @@ pub fn resolve_calibration(
     requested
         .resolve(&bundle.manifest().calibration, cache.stored_temperature())
         .map_err(|message| PipelineError::Option(format!("{message} (bundle {})", bundle.dir().display())))
-}
-
-/// The threshold `classify` uses when none is given and the cache holds none for its calibration.
-pub const DEFAULT_THRESHOLD: f64 = 0.8;
-
-/// A decision threshold and its origin.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Threshold {
-    pub value: f64,
-    /// "command line", "cache" (chosen by `eval --write-threshold`) or "default".
-    pub source: &'static str,
-}
-
-/// The threshold in force: the caller's, else the one `eval` stored in the cache — but only if it
-/// was chosen for the same calibration (a threshold means nothing under another calibration) —
-/// else [`DEFAULT_THRESHOLD`].
-pub fn resolve_threshold(requested: Option<f64>, cache: &TextFeatureCache, calibration: &Calibration) -> Threshold {
-    if let Some(value) = requested {
-        return Threshold { value, source: "command line" };
-    }
-    let metadata = cache.metadata();
-    let stored = metadata.get(THRESHOLD_KEY).and_then(|value| value.parse::<f64>().ok());
-    let chosen_for = metadata.get(THRESHOLD_CALIBRATION_KEY).map(String::as_str);
-    match stored {
-        Some(value) if validate_threshold(value).is_ok() && chosen_for == Some(calibration_key(calibration).as_str()) => {
-            Threshold { value, source: "cache" }
-        }
-        _ => Threshold { value: DEFAULT_THRESHOLD, source: "default" },
-    }
-}
-
-/// How a calibration is written next to a stored threshold (JSON of its parameters).
-pub fn calibration_key(calibration: &Calibration) -> String {
-    serde_json::to_string(calibration).unwrap_or_default()
 }

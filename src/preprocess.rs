@@ -137,7 +137,7 @@ pub enum PreprocessError {
     FileTooLarge { bytes: u64, max_bytes: u64 },
     #[error("corrupt or truncated image: {0}; re-export or copy the file again")]
     Decode(String),
-    #[error("the image declares {width} x {height} pixels, more than the allowed {max_width} x {max_height}; downscale it or raise the limit (--max-image-side)")]
+    #[error("the image declares {width} x {height} pixels, more than the allowed {max_width} x {max_height}; downscale it or raise the image size limit")]
     TooLarge { width: u32, height: u32, max_width: u32, max_height: u32 },
     #[error("decoding this {width} x {height} image needs {needed_bytes} bytes, more than the allowed {max_bytes}; downscale it or raise the decode memory limit")]
     TooMuchMemory { width: u32, height: u32, needed_bytes: u64, max_bytes: u64 },

@@ -2,44 +2,71 @@
 //! keeps every finished line), and a summary for stderr.
 
 use std::io::Write;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::decide::Decision;
+use crate::pipeline::Prediction;
+use crate::runtime::Provider;
 
-/// One alternative in `top_k`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Ranked {
-    pub label: String,
-    /// Calibrated confidence.
-    pub confidence: f64,
+/// A file path as written in a record: `path` is the path as text; when the path is not valid
+/// UTF-8 (Linux file names are bytes), `path` shows replacement characters and `path_bytes`
+/// holds the exact bytes, so every output line maps back to its file.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RecordPath {
+    /// The path as text (lossy only when `path_bytes` is present).
+    pub path: String,
+    /// The path's exact bytes, when they are not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<Vec<u8>>,
 }
 
-/// A classified image.
+impl RecordPath {
+    /// The record form of `path`.
+    pub fn new(path: &Path) -> RecordPath {
+        match path.to_str() {
+            Some(text) => RecordPath { path: text.to_string(), path_bytes: None },
+            None => RecordPath { path: path.to_string_lossy().into_owned(), path_bytes: Some(path_bytes(path)) },
+        }
+    }
+}
+
+#[cfg(unix)]
+fn path_bytes(path: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().to_vec()
+}
+
+#[cfg(not(unix))]
+fn path_bytes(path: &Path) -> Vec<u8> {
+    path.to_string_lossy().into_owned().into_bytes()
+}
+
+/// A classified image: one JSON line of `classify` (fields in docs/FORMATS.md).
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct PredictionRecord {
-    pub path: String,
-    pub label: String,
-    /// Whether the predicted class is a base (trained) class or a new one added by name.
-    pub base: bool,
-    pub confidence: f64,
-    pub uncalibrated_confidence: f64,
-    pub decision: Decision,
+pub struct PredictionRecord<'a> {
+    /// The image file.
+    #[serde(flatten)]
+    pub path: RecordPath,
+    /// The prediction (label, confidences, decision, weight, contrast, top k).
+    #[serde(flatten)]
+    pub prediction: &'a Prediction,
+    /// The threshold the decision was taken against.
     pub threshold: f64,
+    /// The calibration method in force.
     pub calibration: &'static str,
-    /// The multiplier applied to the fine-tuned logits.
-    pub weight: f64,
-    /// CAC's contrast d(x), when CAC is the method.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub contrast: Option<f64>,
-    pub top_k: Vec<Ranked>,
-    pub device: &'static str,
+    /// The execution provider the encoder ran on.
+    pub device: Provider,
 }
 
 /// An image that could not be classified.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FailureRecord {
-    pub path: String,
+    /// The image file.
+    #[serde(flatten)]
+    pub path: RecordPath,
+    /// Why it failed.
     pub error: String,
 }
 
@@ -53,12 +80,16 @@ pub fn write_json_line(out: &mut impl Write, record: &impl Serialize) -> std::io
 /// Counts for the end-of-run summary.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Predictions accepted.
     pub accepted: usize,
+    /// Predictions below the threshold.
     pub abstained: usize,
+    /// Images that could not be classified.
     pub failed: usize,
 }
 
 impl Summary {
+    /// Counts one image: its decision, or `None` when it failed.
     pub fn record(&mut self, decision: Option<Decision>) {
         match decision {
             Some(Decision::Accept) => self.accepted += 1,
@@ -67,6 +98,7 @@ impl Summary {
         }
     }
 
+    /// Images counted.
     pub fn total(&self) -> usize {
         self.accepted + self.abstained + self.failed
     }
@@ -91,10 +123,22 @@ mod tests {
 
     #[test]
     fn json_line_is_one_line_with_fixed_fields() {
-        let record = FailureRecord { path: "a\nb.jpg".into(), error: "bad".into() };
+        let record = FailureRecord { path: RecordPath::new(Path::new("a\nb.jpg")), error: "bad".into() };
         let mut out = Vec::new();
         write_json_line(&mut out, &record).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "{\"path\":\"a\\nb.jpg\",\"error\":\"bad\"}\n");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_non_utf8_path_keeps_its_exact_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = Path::new(std::ffi::OsStr::from_bytes(b"caf\xe9.jpg"));
+        let record = FailureRecord { path: RecordPath::new(path), error: "bad".into() };
+        let line = serde_json::to_value(&record).unwrap();
+        assert_eq!(line["path"], "caf\u{fffd}.jpg");
+        let bytes: Vec<u8> = line["path_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(bytes, b"caf\xe9.jpg");
     }
 
     #[test]

@@ -23,35 +23,68 @@ pub const LIBRARY_FILE: &str = "onnxruntime.dll";
 #[cfg(not(any(target_os = "macos", target_os = "windows")))]
 pub const LIBRARY_FILE: &str = "libonnxruntime.so";
 
-const HOW_TO_GET_LIBRARY: &str = "run `scripts/setup-onnxruntime` (it fetches the PyPI onnxruntime wheel and installs \
-     the library in the default location), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so \
-     (ONNX Runtime 1.17 or newer; a JetPack build for CUDA/TensorRT on Jetson)";
-
+/// Why ONNX Runtime could not be loaded or a session created.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("ONNX Runtime library not found (looked in: {searched}); {HOW_TO_GET_LIBRARY}")]
-    LibraryNotFound { searched: String },
-    #[error("could not load the ONNX Runtime library {path}: {message}; {HOW_TO_GET_LIBRARY}")]
-    LibraryLoad { path: PathBuf, message: String },
+    /// No library at the given path or in any default location.
+    #[error("ONNX Runtime library not found (looked in: {searched}); it needs ONNX Runtime 1.17 or newer")]
+    LibraryNotFound {
+        /// The paths looked at, comma-separated.
+        searched: String,
+    },
+    /// The library exists but could not be loaded.
+    #[error("could not load the ONNX Runtime library {path}: {message}")]
+    LibraryLoad {
+        /// The library file.
+        path: PathBuf,
+        /// ONNX Runtime's or the loader's message.
+        message: String,
+    },
+    /// Another library is already loaded in this process.
     #[error(
         "ONNX Runtime is already loaded from {loaded} in this process; cannot also load {requested} \
          (ONNX Runtime allows one library per process)"
     )]
-    AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
+    AlreadyLoaded {
+        /// The library in use.
+        loaded: PathBuf,
+        /// The library asked for.
+        requested: PathBuf,
+    },
+    /// The requested execution provider is not in the loaded library.
     #[error(
         "execution provider {provider} was requested but the ONNX Runtime library at {library} does not provide it \
-         (available: {available}); use --device cpu or auto, or install an ONNX Runtime build with {provider}"
+         (available: {available}); run on the CPU, or use an ONNX Runtime build with {provider}"
     )]
-    ProviderUnavailable { provider: &'static str, library: PathBuf, available: String },
+    ProviderUnavailable {
+        /// ONNX Runtime's name of the provider.
+        provider: &'static str,
+        /// The loaded library.
+        library: PathBuf,
+        /// The providers it has, comma-separated.
+        available: String,
+    },
+    /// Session options that contradict each other.
+    #[error("invalid session options: {0}")]
+    Options(String),
+    /// ONNX Runtime refused the model or the provider options.
     #[error("could not create an ONNX Runtime session for {path}: {message}")]
-    Session { path: PathBuf, message: String },
+    Session {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        message: String,
+    },
 }
 
 /// Which execution provider sessions should run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
+    /// ONNX Runtime's CPU provider.
     Cpu,
+    /// CUDA; an error if the library has no CUDA provider.
     Cuda,
+    /// TensorRT (with CUDA for the operators TensorRT cannot take); an error if unavailable.
     TensorRt,
     /// TensorRT, else CUDA, else CPU; the choice is reported.
     #[default]
@@ -71,23 +104,62 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// An execution provider a session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// CUDA.
+    Cuda,
+    /// TensorRT, with CUDA behind it.
+    #[serde(rename = "tensorrt")]
+    TensorRt,
+}
+
+impl Provider {
+    /// "cpu", "cuda" or "tensorrt", as in every output line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::TensorRt => "tensorrt",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The provider a session actually runs on, and why (for every output and log line).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChosenDevice {
-    /// "cpu", "cuda" or "tensorrt".
-    pub name: &'static str,
+    /// The provider.
+    #[serde(rename = "name")]
+    pub provider: Provider,
     /// Set when `auto` fell back from a GPU provider.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<String>,
 }
 
+/// The most intra-op threads a session may have: far above any edge CPU's core count, far below
+/// a count that makes ONNX Runtime spawn threads until the box stalls (100 000 made no progress
+/// in 60 s).
+pub const MAX_INTRA_THREADS: usize = 1024;
+
 /// How sessions are created: device, threads and GPU provider options.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
+    /// The execution provider asked for.
     pub device: Device,
     /// Intra-op threads; `None` lets ONNX Runtime decide (all physical cores).
     pub intra_threads: Option<usize>,
+    /// The GPU for CUDA and TensorRT.
     pub cuda_device_id: i32,
+    /// TensorRT: build FP16 engines.
     pub tensorrt_fp16: bool,
     /// TensorRT builder workspace in bytes; `None` keeps ONNX Runtime's default.
     pub tensorrt_workspace: Option<usize>,
@@ -191,7 +263,7 @@ impl Runtime {
     /// Creates a session for `model` on the provider `options` asks for.
     pub fn session(&self, model: &Path, options: &SessionOptions) -> Result<(Session, ChosenDevice), RuntimeError> {
         let session_error = |error: ort::Error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() };
-        options.validate().map_err(|message| RuntimeError::Session { path: model.to_path_buf(), message })?;
+        options.validate()?;
         let chosen = self.choose_device(options.device)?;
         let mut builder = Session::builder(&self.environment)
             .map_err(session_error)?
@@ -200,11 +272,11 @@ impl Runtime {
         if let Some(threads) = options.intra_threads {
             builder = builder.with_intra_threads(threads).map_err(|error| session_error(error.into()))?;
         }
-        let engine_cache = match (&options.tensorrt_engine_cache, chosen.name) {
-            (Some(root), "tensorrt") => Some(self.tensorrt_engine_dir(root, model)?),
+        let engine_cache = match (&options.tensorrt_engine_cache, chosen.provider) {
+            (Some(root), Provider::TensorRt) => Some(self.tensorrt_engine_dir(root, model)?),
             _ => None,
         };
-        let providers = provider_list(chosen.name, options, engine_cache.as_deref());
+        let providers = provider_list(chosen.provider, options, engine_cache.as_deref());
         if !providers.is_empty() {
             builder = builder.with_execution_providers(providers).map_err(|error| session_error(error.into()))?;
         }
@@ -235,16 +307,17 @@ impl Runtime {
             library: self.library_path.clone(),
             available: self.available_providers().join(", "),
         };
+        let chosen = |provider| Ok(ChosenDevice { provider, fallback_reason: None });
         match device {
-            Device::Cpu => Ok(ChosenDevice { name: "cpu", fallback_reason: None }),
-            Device::Cuda if cuda => Ok(ChosenDevice { name: "cuda", fallback_reason: None }),
+            Device::Cpu => chosen(Provider::Cpu),
+            Device::Cuda if cuda => chosen(Provider::Cuda),
             Device::Cuda => Err(unavailable(ep::CUDA::NAME)),
-            Device::TensorRt if tensorrt => Ok(ChosenDevice { name: "tensorrt", fallback_reason: None }),
+            Device::TensorRt if tensorrt => chosen(Provider::TensorRt),
             Device::TensorRt => Err(unavailable(ep::TensorRT::NAME)),
-            Device::Auto if tensorrt => Ok(ChosenDevice { name: "tensorrt", fallback_reason: None }),
-            Device::Auto if cuda => Ok(ChosenDevice { name: "cuda", fallback_reason: None }),
+            Device::Auto if tensorrt => chosen(Provider::TensorRt),
+            Device::Auto if cuda => chosen(Provider::Cuda),
             Device::Auto => Ok(ChosenDevice {
-                name: "cpu",
+                provider: Provider::Cpu,
                 fallback_reason: Some(format!(
                     "auto: no TensorRT or CUDA execution provider in {}; running on CPU",
                     self.library_path.display()
@@ -255,30 +328,37 @@ impl Runtime {
 }
 
 impl SessionOptions {
-    /// Refuses GPU options that the chosen device would silently ignore.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Refuses GPU options that the chosen device would silently ignore, and thread counts that
+    /// would stall the box (more intra-op threads than [`MAX_INTRA_THREADS`]).
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let refuse = |message: &str| Err(RuntimeError::Options(message.to_string()));
         let tensorrt_options = self.tensorrt_fp16 || self.tensorrt_workspace.is_some() || self.tensorrt_engine_cache.is_some();
         if tensorrt_options && matches!(self.device, Device::Cpu | Device::Cuda) {
-            return Err("--tensorrt-fp16, --tensorrt-workspace and --tensorrt-cache need --device tensorrt or auto".into());
+            return refuse("TensorRT options (FP16, workspace, engine cache) need the tensorrt or auto device");
         }
         if self.cuda_device_id != 0 && self.device == Device::Cpu {
-            return Err("--gpu selects a GPU and needs --device cuda, tensorrt or auto".into());
+            return refuse("a GPU id needs the cuda, tensorrt or auto device");
         }
-        if self.cuda_device_id < 0 || self.tensorrt_workspace == Some(0) || self.intra_threads == Some(0) {
-            return Err("--gpu must be >= 0, --tensorrt-workspace and --threads at least 1".into());
+        if self.cuda_device_id < 0 || self.tensorrt_workspace == Some(0) {
+            return refuse("the GPU id must be >= 0 and the TensorRT workspace at least 1 byte");
         }
-        Ok(())
+        match self.intra_threads {
+            Some(threads) if threads == 0 || threads > MAX_INTRA_THREADS => Err(RuntimeError::Options(format!(
+                "intra-op threads must be between 1 and {MAX_INTRA_THREADS}, got {threads}"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
 /// GPU providers are registered with `error_on_failure`, because ONNX Runtime otherwise falls
 /// back to CPU silently and the reported device would be a lie. TensorRT is followed by CUDA so
 /// that operators TensorRT cannot take still run on the GPU.
-fn provider_list(device: &str, options: &SessionOptions, engine_cache: Option<&Path>) -> Vec<ep::ExecutionProviderDispatch> {
+fn provider_list(provider: Provider, options: &SessionOptions, engine_cache: Option<&Path>) -> Vec<ep::ExecutionProviderDispatch> {
     let cuda = || ep::CUDA::default().with_device_id(options.cuda_device_id).build().error_on_failure();
-    match device {
-        "cuda" => vec![cuda()],
-        "tensorrt" => {
+    match provider {
+        Provider::Cuda => vec![cuda()],
+        Provider::TensorRt => {
             let mut tensorrt = ep::TensorRT::default()
                 .with_device_id(options.cuda_device_id)
                 .with_fp16(options.tensorrt_fp16);
@@ -295,7 +375,7 @@ fn provider_list(device: &str, options: &SessionOptions, engine_cache: Option<&P
             }
             vec![tensorrt.build().error_on_failure(), cuda()]
         }
-        _ => Vec::new(),
+        Provider::Cpu => Vec::new(),
     }
 }
 
@@ -369,7 +449,10 @@ mod tests {
     fn gpu_options_that_would_be_ignored_are_refused() {
         let cpu = SessionOptions { device: Device::Cpu, ..SessionOptions::default() };
         assert!(cpu.validate().is_ok());
-        assert!(SessionOptions { tensorrt_fp16: true, ..cpu.clone() }.validate().unwrap_err().contains("--device tensorrt"));
+        assert!(SessionOptions { tensorrt_fp16: true, ..cpu.clone() }.validate().unwrap_err().to_string().contains("tensorrt or auto device"));
+        assert!(SessionOptions { intra_threads: Some(100_000), ..cpu.clone() }.validate().is_err());
+        assert!(SessionOptions { intra_threads: Some(0), ..cpu.clone() }.validate().is_err());
+        assert!(SessionOptions { intra_threads: Some(4), ..cpu.clone() }.validate().is_ok());
         assert!(SessionOptions { cuda_device_id: 1, ..cpu.clone() }.validate().is_err());
         let cuda = SessionOptions { device: Device::Cuda, cuda_device_id: 1, ..SessionOptions::default() };
         assert!(cuda.validate().is_ok());
@@ -382,6 +465,6 @@ mod tests {
         let error = find_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
         let message = error.to_string();
         assert!(message.contains("/nonexistent/libonnxruntime.so"), "{message}");
-        assert!(message.contains("setup-onnxruntime"), "{message}");
+        assert!(message.contains("1.17 or newer"), "{message}");
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use cac_edge::bundle::Bundle;
 use cac_edge::cache::{build_cache, ClassList};
 use cac_edge::calibrate::{CacParams, Calibration, ContrastDistance};
-use cac_edge::pipeline::{Classifier, ClassifierOptions};
+use cac_edge::{Classifier, ClassifierOptions};
 use common::{cpu, runtime};
 
 fn demo() -> PathBuf {
@@ -35,7 +35,7 @@ fn clearly_drawn_demo_images_get_their_labels_with_the_measured_calibration() {
     build_cache(&runtime(), &bundle, &classes, &cpu(), &cache).unwrap();
 
     let options = ClassifierOptions { session: cpu(), ..ClassifierOptions::default() };
-    let mut classifier = Classifier::open(&demo(), &cache, options).unwrap();
+    let mut classifier = Classifier::open(&runtime(), &demo(), &cache, options).unwrap();
     // The bundle's [calibration] (chosen on validation, onnx/demo/REPORT.md) is the default.
     let measured = CacParams { alpha: 0.9, k: 0.75, distance: ContrastDistance::Probs, thresholds: None };
     assert_eq!(classifier.calibration(), &Calibration::Cac(measured));
@@ -52,7 +52,10 @@ fn clearly_drawn_demo_images_get_their_labels_with_the_measured_calibration() {
     assert!(expected.len() >= 9, "base, val-new and test-new examples");
     let paths: Vec<PathBuf> = expected.iter().map(|(path, _)| path.clone()).collect();
     let mut outcomes = Vec::new();
-    classifier.classify_files(&paths, |path, outcome| outcomes.push((path.to_path_buf(), outcome)));
+    classifier.classify_files(&paths, |path, outcome| {
+        outcomes.push((path.to_path_buf(), outcome));
+        std::ops::ControlFlow::Continue(())
+    });
     for ((path, label), (reported, outcome)) in expected.iter().zip(outcomes) {
         assert_eq!(path, &reported);
         let prediction = outcome.unwrap_or_else(|error| panic!("{error}"));

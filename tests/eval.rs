@@ -158,7 +158,8 @@ fn eval_fits_on_base_validation_stores_features_and_hands_its_threshold_to_class
             "--images".into(), demo().join("images/labels.csv").display().to_string(),
             // The sample images' CSV as the fitting set: only its base-class rows may be used.
             "--fit-images".into(), demo().join("images/validation.csv").display().to_string(),
-            "--fit-cac".into(), "--write-threshold".into(), "--target-precision".into(), "0.9".into(),
+            "--fit-cac".into(), "--write-threshold".into(), "--write-temperature".into(),
+            "--target-precision".into(), "0.9".into(),
             "--out".into(), out.display().to_string(),
         ]
     };
@@ -166,6 +167,23 @@ fn eval_fits_on_base_validation_stores_features_and_hands_its_threshold_to_class
         let args = args(out);
         command().args(&args).output().unwrap()
     };
+    // Fitting alone stores nothing in the cache: the temperature only with --write-temperature.
+    let plain = dir.path().join("plain.safetensors");
+    std::fs::copy(&cache, &plain).unwrap();
+    let fit_only: Vec<String> = args(&dir.path().join("plain-report"))
+        .into_iter()
+        .filter(|arg| !arg.starts_with("--write-"))
+        .map(|arg| if arg == cache.display().to_string() { plain.display().to_string() } else { arg })
+        .collect();
+    let output = command().args(&fit_only).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let plain_report = read_json(&dir.path().join("plain-report/report.json"));
+    assert!(plain_report["fit"]["temperature"]["temperature"].as_f64().is_some(), "a temperature was fitted");
+    assert_eq!(plain_report["written"], serde_json::json!([]));
+    let info = text(&cac_edge(&["cache", "info", "--cache", plain.to_str().unwrap()]).stdout);
+    assert!(!info.contains("ts_temperature") && !info.contains("threshold"), "{info}");
+    assert_eq!(std::fs::read(&plain).unwrap(), std::fs::read(&cache).unwrap(), "the cache file is untouched");
+
     let first = run(&out);
     let stderr = text(&first.stderr);
     assert!(first.status.success(), "{stderr}");

@@ -3,7 +3,7 @@
 //! the stored vectors of tests/fixtures/metrics (make_vectors.py → vectors.json; this test only
 //! reads them). Run with `--nocapture` to see the worst difference per metric.
 
-use cac_edge::metrics::{self, ReliabilityBin};
+use cac_edge::tooling::metrics::{self, ReliabilityBin};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-9;

@@ -9,7 +9,7 @@ use cac_edge::bundle::Bundle;
 use cac_edge::cache::{CacheError, CacheOpenOptions, TextFeatureCache};
 use cac_edge::calibrate::{calibrate, CacParams, Calibration};
 use cac_edge::encode::{EncodeError, Encoder};
-use cac_edge::pipeline::{Classifier, ClassifierOptions, PipelineError};
+use cac_edge::{Classifier, ClassifierOptions, Error as PipelineError};
 use cac_edge::preprocess::{decode_file, DecodeLimits};
 use cac_edge::tokenize::ClipTokenizer;
 use common::*;
@@ -99,7 +99,7 @@ fn cache_holds_pytorch_text_features_and_classifier_reproduces_logits() {
         }
     }
 
-    let mut classifier = Classifier::open(&bundle_dir(), &cache_path, options()).unwrap();
+    let mut classifier = Classifier::open(&runtime(), &bundle_dir(), &cache_path, options()).unwrap();
     let frames: Vec<_> = photos(&reference).iter().map(|path| decode_file(path, &DecodeLimits::default()).unwrap()).collect();
     let logits = classifier.logits(&frames).unwrap();
     for (ours, key) in [(&logits.zero_shot, "logits_zs"), (&logits.fine_tuned, "logits_ft")] {
@@ -145,8 +145,8 @@ fn separate_fine_tuned_image_encoder_gives_the_same_logits_as_the_shared_one() {
     let separate_cache = build_test_cache(&separate, separate_dir.path());
     let reference = Reference::load();
     let frames: Vec<_> = photos(&reference).iter().take(3).map(|path| decode_file(path, &DecodeLimits::default()).unwrap()).collect();
-    let fused = Classifier::open(&bundle_dir(), &shared_cache, options()).unwrap().logits(&frames).unwrap();
-    let two = Classifier::open(&separate, &separate_cache, options()).unwrap().logits(&frames).unwrap();
+    let fused = Classifier::open(&runtime(), &bundle_dir(), &shared_cache, options()).unwrap().logits(&frames).unwrap();
+    let two = Classifier::open(&runtime(), &separate, &separate_cache, options()).unwrap().logits(&frames).unwrap();
     assert!(max_abs_diff(&fused.fine_tuned, &two.fine_tuned) < 1e-4);
     assert!(max_abs_diff(&fused.zero_shot, &two.zero_shot) < 1e-4);
 }
@@ -160,14 +160,14 @@ fn stale_caches_are_refused() {
     let mut changed = class_list();
     changed.names.swap(0, 1);
     let options_with_classes = ClassifierOptions { expected_classes: Some(changed), ..options() };
-    let error = Classifier::open(&bundle_dir(), &cache_path, options_with_classes).err().expect("stale class list");
-    assert!(matches!(error, PipelineError::Cache(CacheError::Stale { .. })), "{error}");
-    assert!(error.to_string().contains("cac-edge cache build"), "{error}");
+    let error = Classifier::open(&runtime(), &bundle_dir(), &cache_path, options_with_classes).err().expect("stale class list");
+    assert!(matches!(&error, PipelineError::Cache(cache_error @ CacheError::Stale { .. }) if cache_error.is_fixed_by_rebuilding()), "{error}");
+    assert!(error.to_string().contains("different class list"), "{error}");
 
     // The bundle changed (another prompt template) since the cache was built.
     let edited_dir = tempfile::tempdir().unwrap();
     let edited = edited_bundle(edited_dir.path(), |text| text.replace("a photo of a {}.", "a picture of a {}."));
-    let error = Classifier::open(&edited, &cache_path, options()).err().expect("stale bundle");
+    let error = Classifier::open(&runtime(), &edited, &cache_path, options()).err().expect("stale bundle");
     assert!(matches!(error, PipelineError::Cache(CacheError::Stale { .. })), "{error}");
 }
 
@@ -200,8 +200,13 @@ fn damaged_caches_are_refused_with_a_rebuild_hint() {
 
     let empty = open("empty.safetensors", b"");
     assert!(matches!(empty, CacheError::Invalid { .. }), "{empty}");
-    for error in [truncated, corrupt, versioned, empty] {
-        assert!(error.to_string().contains("cac-edge cache build"), "{error}");
+    let missing = TextFeatureCache::open(&dir.path().join("none.safetensors"), CacheOpenOptions::default()).err().expect("missing");
+    assert!(matches!(missing, CacheError::Missing { .. }), "{missing}");
+    // The library says what is wrong and that a rebuild fixes it; the binary names the command
+    // (tests/manners.rs).
+    for error in [truncated, corrupt, versioned, empty, missing] {
+        assert!(error.is_fixed_by_rebuilding(), "{error}");
+        assert!(error.to_string().contains(dir.path().to_str().unwrap()), "names the file: {error}");
     }
 }
 
@@ -220,7 +225,7 @@ fn an_embedding_dimension_that_disagrees_with_the_cache_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cache_path = build_test_cache(&bundle_dir(), dir.path());
     let edited = edited_bundle(dir.path(), |text| text.replace("embed_dim = 64", "embed_dim = 32"));
-    let error = Classifier::open(&edited, &cache_path, options()).err().expect("dimension mismatch");
+    let error = Classifier::open(&runtime(), &edited, &cache_path, options()).err().expect("dimension mismatch");
     assert!(error.to_string().contains("dimension 64"), "{error}");
 }
 
@@ -234,7 +239,7 @@ fn a_modified_encoder_file_is_refused() {
     let mut bytes = std::fs::read(&image).unwrap();
     bytes.extend_from_slice(b"\0");
     std::fs::write(&image, bytes).unwrap();
-    let error = Classifier::open(&edited, &cache_path, options()).err().expect("hash mismatch");
+    let error = Classifier::open(&runtime(), &edited, &cache_path, options()).err().expect("hash mismatch");
     assert!(error.to_string().contains("image_zs.onnx") && error.to_string().contains("sha256"), "{error}");
 }
 
@@ -262,7 +267,7 @@ fn logits_do_not_depend_on_the_batch_size() {
     let frames: Vec<_> = photos(&reference).iter().map(|path| decode_file(path, &DecodeLimits::default()).unwrap()).collect();
     let with_batch = |batch_size| {
         let options = ClassifierOptions { batch_size, ..options() };
-        Classifier::open(&bundle_dir(), &cache_path, options).unwrap().logits(&frames).unwrap()
+        Classifier::open(&runtime(), &bundle_dir(), &cache_path, options).unwrap().logits(&frames).unwrap()
     };
     let whole = with_batch(frames.len());
     let split = with_batch(3); // 3 + 3 + 2: the rows of several encoder runs joined in order

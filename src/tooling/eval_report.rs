@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::eval::{CacFit, CalibratorReport, Split, TemperatureFit, ThresholdTarget};
-use crate::plots::{self, ReliabilityPanel};
+use crate::tooling::eval::{CacFit, CalibratorReport, Split, TemperatureFit, ThresholdTarget};
+use crate::tooling::plots::{self, ReliabilityPanel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -81,13 +81,9 @@ pub fn write(dir: &Path, report: &EvalReport) -> Result<Vec<PathBuf>, ReportErro
     Ok(files)
 }
 
-/// Written to a temporary sibling and renamed, so a reader never sees half a report.
+/// Written atomically and durably ([`crate::fsio`]), so a reader never sees half a report.
 fn write_file(path: &Path, text: &str) -> Result<(), ReportError> {
-    let io_error = |source| ReportError::Io { path: path.to_path_buf(), source };
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    std::fs::write(&temporary, text).map_err(io_error)?;
-    std::fs::rename(&temporary, path).map_err(io_error)
+    crate::fsio::write_atomic_bytes(path, text.as_bytes()).map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
 }
 
 fn write_reliability(dir: &Path, report: &EvalReport) -> Result<Vec<PathBuf>, ReportError> {
@@ -121,7 +117,7 @@ fn write_reliability(dir: &Path, report: &EvalReport) -> Result<Vec<PathBuf>, Re
 }
 
 fn write_risk_coverage(dir: &Path, report: &EvalReport, split: Split) -> Result<Vec<PathBuf>, ReportError> {
-    let curves: Vec<(&str, &[crate::metrics::RiskCoveragePoint])> = report
+    let curves: Vec<(&str, &[crate::tooling::metrics::RiskCoveragePoint])> = report
         .calibrators
         .iter()
         .filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator.calibrator.name.as_str(), s.risk_coverage.as_slice())))

@@ -23,7 +23,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
-use crate::metrics::{ReliabilityBin, RiskCoveragePoint};
+use crate::tooling::metrics::{ReliabilityBin, RiskCoveragePoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -101,7 +101,7 @@ pub fn risk_coverage(
 /// us from replacing (or using) whatever another user of plotters in the process registered as
 /// "sans-serif".
 const FONT_FAMILY: &str = "DejaVu Sans,sans-serif";
-const FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-subset.ttf");
+const FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
 
 /// plotters' `register_font` writes a process-wide table (parsing the font each time), so it runs
 /// once per process, whoever draws first; later calls (and other threads) reuse the result.
@@ -266,16 +266,9 @@ fn downsample(large: &[u8], width: usize, height: usize, factor: usize) -> Vec<u
     small
 }
 
-/// Written to a `.tmp` sibling and renamed, so a reader never sees half a file.
+/// Written atomically and durably ([`crate::fsio`]), so a reader never sees half a file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PlotError> {
-    let temporary = with_suffix(path, ".tmp");
-    let write_error = |source| PlotError::Write { path: path.to_path_buf(), source };
-    std::fs::write(&temporary, bytes).map_err(write_error)?;
-    std::fs::rename(&temporary, path).map_err(|source| {
-        // Best effort: the rename error is the one worth reporting.
-        let _ = std::fs::remove_file(&temporary);
-        write_error(source)
-    })
+    crate::fsio::write_atomic_bytes(path, bytes).map_err(|source| PlotError::Write { path: path.to_path_buf(), source })
 }
 
 /// 950 → "950", 1234 → "1.2k", 56789 → "57k", 1234567 → "1.2M" (ranges split where the

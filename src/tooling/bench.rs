@@ -32,7 +32,9 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -311,6 +313,7 @@ struct Prepared {
 /// Opens one classifier per calibration on `bundle_dir` and `cache_path`, decodes `images`, runs
 /// the rounds and returns every number. `progress` receives one line per round (for stderr).
 pub fn run_bench(
+    runtime: &Arc<Runtime>,
     bundle_dir: &Path,
     cache_path: &Path,
     images: &[PathBuf],
@@ -333,13 +336,13 @@ pub fn run_bench(
     let open = |method: &str, temperature: Option<f64>, first: bool| -> Result<Classifier, PipelineError> {
         let mut classifier_options = options.classifier.clone();
         classifier_options.batch_size = max_batch;
-        classifier_options.calibration =
-            CalibrationSettings { method: Some(method.into()), temperature, ..CalibrationSettings::default() };
+        let method = method.parse().map_err(PipelineError::Option)?;
+        classifier_options.calibration = CalibrationSettings { temperature, ..CalibrationSettings::method(method) };
         if !first {
             classifier_options.verify_bundle_files = false;
             classifier_options.cache.verify_checksum = false;
         }
-        Classifier::open(bundle_dir, cache_path, classifier_options)
+        Classifier::open(runtime, bundle_dir, cache_path, classifier_options)
     };
     progress("opening the bundle, the cache and one classifier per calibration");
     let first = open(CALIBRATIONS[0], None, true)?;
@@ -365,7 +368,6 @@ pub fn run_bench(
         classifiers.push(classifier);
     }
 
-    let runtime = Runtime::load(options.classifier.ort_library.as_deref()).map_err(PipelineError::from)?;
     let config = classifiers[0].bundle().preprocess_config();
     let limits = options.classifier.decode_limits;
 
@@ -423,13 +425,13 @@ pub fn run_bench(
         tool: "cac-edge",
         tool_version: env!("CARGO_PKG_VERSION"),
         machine: MachineInfo {
-            cpu_model: cpu_model(),
+            cpu_model: crate::doctor::cpu_model(),
             logical_cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
             arch: std::env::consts::ARCH,
             os: std::env::consts::OS,
             onnxruntime_version: runtime.version(),
             onnxruntime_library: runtime.library_path().display().to_string(),
-            device: device.name,
+            device: device.provider.name(),
             device_note: device.fallback_reason,
         },
         bundle: BundleInfo {
@@ -567,13 +569,16 @@ fn run_variant(
 /// The full pipeline on `paths` (one `classify_files` call); any failure is an error.
 fn classify(classifier: &mut Classifier, paths: &[PathBuf]) -> Result<(), BenchError> {
     let mut failure = None;
-    classifier.classify_files(paths, |path, outcome| match outcome {
-        Ok(prediction) => {
-            black_box(prediction);
+    classifier.classify_files(paths, |path, outcome| {
+        match outcome {
+            Ok(prediction) => {
+                black_box(prediction);
+            }
+            Err(error) => {
+                failure.get_or_insert_with(|| format!("{}: {error}", path.display()));
+            }
         }
-        Err(error) => {
-            failure.get_or_insert_with(|| format!("{}: {error}", path.display()));
-        }
+        ControlFlow::Continue(())
     });
     match failure {
         Some(message) => Err(BenchError::Setup(format!("pipeline ({}) failed: {message}", classifier.calibration().name()))),
@@ -652,24 +657,6 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
             sorted[low] + (sorted[high] - sorted[low]) * (position - low as f64)
         }
     }
-}
-
-/// The CPU's name: /proc/cpuinfo's "model name" (x86), else "Hardware" or "Model" (Arm boards),
-/// else the device tree's model (Jetson).
-fn cpu_model() -> Option<String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| {
-        cpuinfo.lines().find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            (name.trim() == key && !value.trim().is_empty()).then(|| value.trim().to_string())
-        })
-    };
-    field("model name").or_else(|| field("Hardware")).or_else(|| field("Model")).or_else(|| {
-        std::fs::read_to_string("/proc/device-tree/model")
-            .ok()
-            .map(|model| model.trim_end_matches('\0').trim().to_string())
-            .filter(|model| !model.is_empty())
-    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::calibrate::{calibrate, CacParams, Calibration, CalibrationError, ContrastDistance};
 use crate::calibrate::{logit_contrast, probability_contrast};
-use crate::metrics::{self, ReliabilityBin, RiskCoveragePoint};
+use crate::tooling::metrics::{self, ReliabilityBin, RiskCoveragePoint};
 use crate::pipeline::row_slice;
 
 #[derive(Debug, thiserror::Error)]

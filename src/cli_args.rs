@@ -1,0 +1,164 @@
+//! Option groups shared by several commands, with their help headings, and their translation
+//! into the library's option types. Values are checked here, at parse time: an absurd value is a
+//! usage error before anything is loaded.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use cac_edge::cache::CacheOpenOptions;
+use cac_edge::runtime::MAX_INTRA_THREADS;
+use cac_edge::{CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, SessionOptions};
+
+pub(crate) const MODEL: &str = "Model";
+pub(crate) const RUNTIME: &str = "ONNX Runtime";
+pub(crate) const CALIBRATION: &str = "Calibration";
+pub(crate) const INPUT: &str = "Input";
+pub(crate) const OUTPUT: &str = "Output";
+
+/// The bundle and its cache.
+#[derive(Args)]
+#[command(next_help_heading = MODEL)]
+pub(crate) struct ModelArgs {
+    /// Bundle directory (bundle.toml, the ONNX encoders, tokenizer.json), as written by onnx/export.py.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) bundle: PathBuf,
+    /// Text-feature cache of the bundle and a class list, as written by `cac-edge cache build`.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) cache: PathBuf,
+    /// Skip hashing the cache data and the image encoders at start-up (faster start; a damaged
+    /// file then goes unnoticed).
+    #[arg(long)]
+    pub(crate) no_verify: bool,
+}
+
+impl ModelArgs {
+    pub(crate) fn cache_options(&self) -> CacheOpenOptions {
+        CacheOpenOptions { verify_checksum: !self.no_verify }
+    }
+}
+
+/// Where ONNX Runtime comes from and how sessions run.
+#[derive(Args)]
+#[command(next_help_heading = RUNTIME)]
+pub(crate) struct RuntimeArgs {
+    /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, then beside the executable, then
+    /// ~/.local/share/cac-edge/onnxruntime/<arch>/).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) ort_lib: Option<PathBuf>,
+    /// Execution provider: cpu, cuda, tensorrt, or auto (TensorRT, else CUDA, else CPU).
+    #[arg(long, default_value = "auto", global = true)]
+    pub(crate) device: Device,
+    /// Intra-op threads (default: ONNX Runtime's choice, one per physical core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=MAX_INTRA_THREADS as i64))]
+    pub(crate) threads: Option<u16>,
+    /// CUDA/TensorRT device id.
+    #[arg(long, default_value_t = 0, global = true, value_parser = clap::value_parser!(i32).range(0..))]
+    pub(crate) gpu: i32,
+    /// TensorRT: build FP16 engines.
+    #[arg(long, global = true)]
+    pub(crate) tensorrt_fp16: bool,
+    /// TensorRT: builder workspace in bytes (default: ONNX Runtime's).
+    #[arg(long, global = true, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) tensorrt_workspace: Option<u64>,
+    /// TensorRT: directory for built engines, kept across runs and reboots (one subdirectory
+    /// per model content hash and ONNX Runtime version).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub(crate) tensorrt_cache: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    pub(crate) fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            device: self.device,
+            intra_threads: self.threads.map(usize::from),
+            cuda_device_id: self.gpu,
+            tensorrt_fp16: self.tensorrt_fp16,
+            tensorrt_workspace: self.tensorrt_workspace.map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX)),
+            tensorrt_engine_cache: self.tensorrt_cache.clone(),
+        }
+    }
+}
+
+/// How confidences are calibrated (shared by classify and eval).
+#[derive(Args)]
+#[command(next_help_heading = CALIBRATION)]
+pub(crate) struct CalibrationArgs {
+    /// Calibration method: none, cac, ts or dac (default: the bundle's, else cac).
+    #[arg(long, value_name = "METHOD")]
+    pub(crate) calibration: Option<CalibrationMethod>,
+    /// CAC: α, the weight at zero contrast (default: the bundle's, else 1.10).
+    #[arg(long, value_name = "ALPHA")]
+    pub(crate) cac_alpha: Option<f64>,
+    /// CAC: k of the exponential map (default: the bundle's, else 15 for logits, 2 for probs).
+    #[arg(long, value_name = "K")]
+    pub(crate) cac_k: Option<f64>,
+    /// CAC: contrast measured on logits (mean |Δ|) or probs (L1 of the softmax outputs)
+    /// (default: the bundle's, else logits).
+    #[arg(long, value_name = "DISTANCE")]
+    pub(crate) cac_distance: Option<ContrastDistance>,
+    /// Advanced CAC: below λ1 the weight is α.
+    #[arg(long, requires = "cac_lambda2", value_name = "LAMBDA1")]
+    pub(crate) cac_lambda1: Option<f64>,
+    /// Advanced CAC: above λ2 the weight is held at α·exp(−λ2/k).
+    #[arg(long, requires = "cac_lambda1", value_name = "LAMBDA2")]
+    pub(crate) cac_lambda2: Option<f64>,
+    /// TS temperature (default: the one `eval` stored in the cache).
+    #[arg(long, value_name = "T")]
+    pub(crate) temperature: Option<f64>,
+}
+
+impl CalibrationArgs {
+    pub(crate) fn settings(&self) -> CalibrationSettings {
+        CalibrationSettings {
+            method: self.calibration,
+            alpha: self.cac_alpha,
+            k: self.cac_k,
+            distance: self.cac_distance,
+            lambda1: self.cac_lambda1,
+            lambda2: self.cac_lambda2,
+            temperature: self.temperature,
+        }
+    }
+}
+
+/// How images are read and batched.
+#[derive(Args)]
+#[command(next_help_heading = INPUT)]
+pub(crate) struct DecodeArgs {
+    /// Refuse images wider or taller than this before decoding them.
+    #[arg(long, value_name = "PIXELS", default_value_t = DecodeLimits::default().max_width,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_image_side: u32,
+    /// Images per encoder run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub(crate) batch_size: Option<u16>,
+}
+
+impl DecodeArgs {
+    pub(crate) fn limits(&self) -> DecodeLimits {
+        DecodeLimits { max_width: self.max_image_side, max_height: self.max_image_side, ..DecodeLimits::default() }
+    }
+
+    /// The options of a classifier that decodes as asked, on the runtime as asked.
+    pub(crate) fn classifier_options(&self, model: &ModelArgs, runtime: &RuntimeArgs, default_batch: usize) -> ClassifierOptions {
+        ClassifierOptions {
+            session: runtime.session_options(),
+            decode_limits: self.limits(),
+            batch_size: self.batch_size.map_or(default_batch, usize::from),
+            cache: model.cache_options(),
+            verify_bundle_files: !model.no_verify,
+            ..ClassifierOptions::default()
+        }
+    }
+}
+
+/// A probability in [0, 1] (thresholds, targets).
+pub(crate) fn probability(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("'{text}' is not a number"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not between 0 and 1"))
+    }
+}

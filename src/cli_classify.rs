@@ -1,0 +1,158 @@
+//! `cac-edge classify`: one JSON line per image on stdout, a summary on stderr.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use cac_edge::cache::ClassList;
+use cac_edge::preprocess::has_image_extension;
+use cac_edge::report::{FailureRecord, PredictionRecord, RecordPath, Summary};
+use cac_edge::{Classifier, Runtime};
+
+use crate::cli_args::{probability, CalibrationArgs, DecodeArgs, ModelArgs, RuntimeArgs, INPUT, MODEL, OUTPUT};
+use crate::cli_output::{OutputError, ResultLines};
+
+#[derive(Args)]
+pub(crate) struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Images or directories (searched recursively for image files).
+    #[arg(required = true, value_name = "PATH", help_heading = INPUT)]
+    inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    decode: DecodeArgs,
+    /// Accept a prediction when its calibrated confidence is at least this, in [0, 1] (default:
+    /// the one `eval --write-threshold` stored in the cache for this calibration, else 0.8).
+    #[arg(long, value_parser = probability, help_heading = OUTPUT)]
+    threshold: Option<f64>,
+    /// Classes ranked in each line's top_k.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..), help_heading = OUTPUT)]
+    top_k: u16,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
+    /// Check that the cache was built for this class list (with --base).
+    #[arg(long, requires = "base", value_name = "FILE", help_heading = MODEL)]
+    classes: Option<PathBuf>,
+    /// The base classes of the list given with --classes.
+    #[arg(long, requires = "classes", value_name = "FILE", help_heading = MODEL)]
+    base: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) runtime: RuntimeArgs,
+}
+
+pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
+    let (paths, missing) = expand_inputs(&args.inputs);
+    if paths.is_empty() && missing.is_empty() {
+        let inputs: Vec<String> = args.inputs.iter().map(|path| path.display().to_string()).collect();
+        tracing::error!("no image files found in {} (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff, .gif)", inputs.join(", "));
+        return Ok(ExitCode::from(1));
+    }
+    let mut options = args.decode.classifier_options(&args.model, &args.runtime, 8);
+    options.calibration = args.calibration.settings();
+    options.threshold = args.threshold;
+    options.top_k = usize::from(args.top_k);
+    options.expected_classes = match (&args.classes, &args.base) {
+        (Some(classes), Some(base)) => Some(ClassList::from_files(classes, base)?),
+        _ => None,
+    };
+    let mut classifier = Classifier::open(runtime, &args.model.bundle, &args.model.cache, options)?;
+    if let Some(reason) = &classifier.device().fallback_reason {
+        tracing::info!("note: {reason}");
+    }
+    let mut summary = Summary::default();
+    let mut out = ResultLines::new();
+    let mut stopped = None;
+    for path in &missing {
+        summary.record(None);
+        tracing::warn!("{}: no such file or directory; check the path", path.display());
+        if let Err(error) = out.write(&FailureRecord { path: RecordPath::new(path), error: "no such file or directory".into() }) {
+            stopped = Some(error);
+            break;
+        }
+    }
+    if stopped.is_none() {
+        stopped = classify_files(&mut classifier, &paths, &mut out, &mut summary);
+    }
+    match stopped {
+        Some(OutputError::Closed) => return Ok(ExitCode::SUCCESS),
+        Some(OutputError::Failed(error)) => bail!("writing results to stdout: {error}"),
+        None => {}
+    }
+    let threshold = classifier.threshold();
+    tracing::info!(
+        "{summary} (calibration {}, threshold {} from {}, device {}; cache {})",
+        classifier.calibration().name(),
+        threshold.value,
+        threshold.source,
+        classifier.device().provider,
+        classifier.cache().class_list_summary()
+    );
+    Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Classifies `paths`, writing a line per image; stops at the first output error.
+fn classify_files(classifier: &mut Classifier, paths: &[PathBuf], out: &mut ResultLines, summary: &mut Summary) -> Option<OutputError> {
+    let calibration = classifier.calibration().name();
+    let device = classifier.device().provider;
+    let threshold = classifier.threshold().value;
+    let mut stopped = None;
+    classifier.classify_files(paths, |path, outcome| {
+        let written = match outcome {
+            Ok(prediction) => {
+                summary.record(Some(prediction.decision));
+                out.write(&PredictionRecord { path: RecordPath::new(path), prediction: &prediction, threshold, calibration, device })
+            }
+            Err(error) => {
+                summary.record(None);
+                tracing::warn!("{error}");
+                out.write(&FailureRecord { path: RecordPath::new(path), error: error.to_string() })
+            }
+        };
+        match written {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(error) => {
+                stopped = Some(error);
+                ControlFlow::Break(())
+            }
+        }
+    });
+    stopped
+}
+
+/// Files are taken as given (whatever their extension: the content decides); directories are
+/// searched recursively for files with image extensions, in sorted order. Returns the files and
+/// the inputs that do not exist.
+pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut files = Vec::new();
+    let mut missing = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            collect_images(input, &mut files);
+        } else if input.exists() {
+            files.push(input.clone());
+        } else {
+            missing.push(input.clone());
+        }
+    }
+    (files, missing)
+}
+
+fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        tracing::warn!("cannot read directory {}", dir.display());
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
+    paths.sort();
+    for path in paths {
+        if path.is_dir() {
+            collect_images(&path, files);
+        } else if has_image_extension(&path) {
+            files.push(path);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! How a failed command is told: the error chain once (each OS error appears once, not repeated
+//! by every layer that wraps it), then a hint in the command line's own terms. The library's
+//! errors say what is wrong; which flag or command fixes it is the binary's to say.
+
+use std::io;
+
+use cac_edge::cache::CacheError;
+use cac_edge::doctor::LIBRARY_FIX;
+use cac_edge::encode::EncodeError;
+use cac_edge::runtime::RuntimeError;
+use cac_edge::Error as PipelineError;
+
+/// "outer: inner: cause", leaving out a cause whose text an outer message already includes
+/// (thiserror messages that embed `{source}` and also expose it as the source).
+pub(crate) fn error_chain(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+/// What to do about `error`, in terms of this command line, when there is something to say.
+pub(crate) fn hint(error: &anyhow::Error) -> Option<String> {
+    error.chain().find_map(|cause| {
+        if let Some(error) = cause.downcast_ref::<PipelineError>() {
+            return pipeline_hint(error);
+        }
+        if let Some(error) = cause.downcast_ref::<CacheError>() {
+            return cache_hint(error);
+        }
+        if let Some(EncodeError::Runtime(error)) = cause.downcast_ref::<EncodeError>() {
+            return runtime_hint(error);
+        }
+        cause.downcast_ref::<RuntimeError>().and_then(runtime_hint)
+    })
+}
+
+fn pipeline_hint(error: &PipelineError) -> Option<String> {
+    match error {
+        PipelineError::Cache(error) => cache_hint(error),
+        PipelineError::Runtime(error) | PipelineError::Encode(EncodeError::Runtime(error)) => runtime_hint(error),
+        _ => None,
+    }
+}
+
+fn cache_hint(error: &CacheError) -> Option<String> {
+    error.is_fixed_by_rebuilding().then(|| {
+        "build the cache with `cac-edge cache build --bundle BUNDLE --classes CLASSES.txt --base BASE.txt --output CACHE` \
+         (once per bundle and class list), then pass it with --cache"
+            .to_string()
+    })
+}
+
+fn runtime_hint(error: &RuntimeError) -> Option<String> {
+    match error {
+        RuntimeError::LibraryNotFound { .. } | RuntimeError::LibraryLoad { .. } => Some(LIBRARY_FIX.to_string()),
+        RuntimeError::ProviderUnavailable { .. } => Some("use --device cpu or --device auto".to_string()),
+        RuntimeError::Options(_) => Some(
+            "--tensorrt-fp16, --tensorrt-workspace and --tensorrt-cache need --device tensorrt or auto; \
+             --gpu needs --device cuda, tensorrt or auto"
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+/// Whether the command stopped because stdout was closed by its reader.
+pub(crate) fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|error| error.kind() == io::ErrorKind::BrokenPipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_os_error_embedded_and_chained_is_said_once() {
+        let os_error = io::Error::from(io::ErrorKind::NotFound);
+        let cache_error = CacheError::Read { path: "/x/classes.txt".into(), source: os_error };
+        let error = anyhow::Error::new(cache_error).context("building the cache /x/c.safetensors");
+        let message = error_chain(&error);
+        assert_eq!(message.matches("entity not found").count(), 1, "{message}");
+        assert!(message.starts_with("building the cache /x/c.safetensors: /x/classes.txt: cannot read"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_cache_says_how_to_build_one() {
+        let error = anyhow::Error::new(PipelineError::Cache(CacheError::Missing { path: "c.safetensors".into() }));
+        assert!(hint(&error).unwrap().contains("cac-edge cache build --bundle"));
+        let unrelated = anyhow::anyhow!("something else");
+        assert_eq!(hint(&unrelated), None);
+    }
+}
