@@ -22,7 +22,7 @@
 //! tensors within mean 0.023 and max 2 grey levels (`tests/preprocess.rs`).
 
 use std::cell::RefCell;
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use fast_image_resize::images::{Image as FirImage, ImageRef};
@@ -135,6 +135,10 @@ pub enum PreprocessError {
     Unsupported(String),
     #[error("the file is {bytes} bytes, more than the decode memory limit of {max_bytes}; downscale or recompress it, or raise the limit")]
     FileTooLarge { bytes: u64, max_bytes: u64 },
+    #[error("not a regular file but a {kind}; only image files are read (a pipe or device could block or never end)")]
+    NotRegularFile { kind: &'static str },
+    #[error("reading the file gave more than the decode memory limit of {max_bytes} bytes (it grew while being read, or its reported size is wrong); stopped there")]
+    ReadTooLarge { max_bytes: u64 },
     #[error("corrupt or truncated image: {0}; re-export or copy the file again")]
     Decode(String),
     #[error("the image declares {width} x {height} pixels, more than the allowed {max_width} x {max_height}; downscale it or raise the limit (--max-image-side)")]
@@ -158,13 +162,67 @@ pub enum PreprocessError {
 /// Decodes an image file to 8-bit RGB. The format is taken from the content.
 ///
 /// The file is read whole (the JPEG decoder would buffer it anyway, and the truncation check
-/// below needs it); a file larger than the memory budget is refused before reading.
+/// below needs it); a file larger than the memory budget is refused before reading, and the
+/// bytes actually read are capped at the budget too (a file may grow, or report a size of 0).
+/// Only regular files are read: a FIFO, socket or device is refused (it could block forever or
+/// never end, like `/dev/zero`), and on Unix the file is opened non-blocking, so even a path
+/// swapped for a FIFO after the check cannot block the open.
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
-    let file_bytes = std::fs::metadata(path)?.len();
-    if file_bytes > limits.max_alloc_bytes {
-        return Err(PreprocessError::FileTooLarge { bytes: file_bytes, max_bytes: limits.max_alloc_bytes });
+    let kind = std::fs::metadata(path)?.file_type();
+    if !kind.is_file() {
+        return Err(PreprocessError::NotRegularFile { kind: file_kind(kind) });
     }
-    decode_bytes(&std::fs::read(path)?, limits)
+    let file = open_nonblocking(path)?;
+    // The handle's own metadata: the file that was actually opened.
+    let metadata = file.metadata()?;
+    if !metadata.file_type().is_file() {
+        return Err(PreprocessError::NotRegularFile { kind: file_kind(metadata.file_type()) });
+    }
+    let max_bytes = limits.max_alloc_bytes;
+    if metadata.len() > max_bytes {
+        return Err(PreprocessError::FileTooLarge { bytes: metadata.len(), max_bytes });
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(PreprocessError::ReadTooLarge { max_bytes });
+    }
+    decode_bytes(&bytes, limits)
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK does not change reads of a regular file.
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+#[cfg(unix)]
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    if kind.is_dir() { "directory" } else { "special file" }
 }
 
 /// Decodes an in-memory encoded image (JPEG, PNG, …) to 8-bit RGB.
