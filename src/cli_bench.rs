@@ -11,10 +11,11 @@ use clap::Args;
 
 use cac_edge::bench::{run_bench, BatchResult, BenchOptions, BenchReport, Timing};
 use cac_edge::cache::CacheOpenOptions;
+use cac_edge::inputs::{scan, ScanOptions};
 use cac_edge::pipeline::ClassifierOptions;
 use cac_edge::preprocess::DecodeLimits;
 
-use crate::{expand_inputs, RuntimeArgs};
+use crate::RuntimeArgs;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -25,6 +26,10 @@ pub(crate) struct BenchArgs {
     /// Images or directories (searched recursively for image files). All are decoded once and
     /// kept in memory: a few dozen to a few hundred images are enough.
     inputs: Vec<PathBuf>,
+    /// Follow symbolic links to directories found inside the directories searched (each
+    /// directory is still searched once).
+    #[arg(long)]
+    follow: bool,
     /// Batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
     batch_sizes: Vec<usize>,
@@ -54,11 +59,18 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
              `cac-edge bench --bundle onnx/demo --cache calibration-cache/miniworld-demo.safetensors onnx/demo/images`"
         );
     }
-    let (images, missing) = expand_inputs(&args.inputs);
-    if !missing.is_empty() {
-        let names: Vec<String> = missing.iter().map(|path| path.display().to_string()).collect();
+    let inputs = scan(&args.inputs, &ScanOptions { follow_symlinks: args.follow });
+    if !inputs.missing.is_empty() {
+        let names: Vec<String> = inputs.missing.iter().map(|path| path.display().to_string()).collect();
         bail!("no such file or directory: {}; check the paths", names.join(", "));
     }
+    if let Some((path, reason)) = inputs.refused.first() {
+        bail!("{}: {reason}", path.display());
+    }
+    for (path, reason) in &inputs.skipped {
+        eprintln!("note: {}: {reason}", path.display());
+    }
+    let images = inputs.files;
     if images.is_empty() {
         bail!("no image files found in {}", args.inputs.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", "));
     }

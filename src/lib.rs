@@ -22,6 +22,7 @@ pub mod encode;
 pub mod eval;
 pub mod eval_report;
 pub mod features;
+pub mod inputs;
 pub mod logits;
 pub mod metrics;
 pub mod pipeline;

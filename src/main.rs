@@ -14,7 +14,8 @@ use cac_edge::doctor::{self, DoctorRequest};
 use cac_edge::cache::{build_cache, CacheOpenOptions, ClassList, TextFeatureCache};
 use cac_edge::calibrate::CalibrationSettings;
 use cac_edge::pipeline::{Classifier, ClassifierOptions, Prediction};
-use cac_edge::preprocess::{has_image_extension, DecodeLimits};
+use cac_edge::inputs::{scan, ScanOptions};
+use cac_edge::preprocess::DecodeLimits;
 use cac_edge::report::{write_json_line, FailureRecord, PredictionRecord, Ranked, Summary};
 use cac_edge::runtime::{Device, Runtime, SessionOptions};
 
@@ -177,6 +178,10 @@ struct ClassifyArgs {
     /// Images or directories (searched recursively for image files).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+    /// Follow symbolic links to directories found inside the directories searched (each
+    /// directory is still searched once).
+    #[arg(long)]
+    follow: bool,
     /// Accept a prediction when its calibrated confidence is at least this (default: the one
     /// `eval --write-threshold` stored in the cache for this calibration, else 0.8).
     #[arg(long)]
@@ -315,16 +320,26 @@ fn classify(args: &ClassifyArgs) -> Result<ExitCode> {
         device: classifier.device().name,
         threshold: classifier.threshold(),
     };
-    let (paths, missing) = expand_inputs(&args.inputs);
+    let inputs = scan(&args.inputs, &ScanOptions { follow_symlinks: args.follow });
+    let paths = inputs.files;
     let mut summary = Summary::default();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error = None;
-    for path in &missing {
+    for (path, reason) in &inputs.skipped {
+        eprintln!("note: {}: {reason}", path.display());
+    }
+    for path in &inputs.missing {
         summary.record(None);
         let failure = FailureRecord { path: path.display().to_string(), error: "no such file or directory".into() };
         eprintln!("{}: no such file or directory; check the path", path.display());
         write_json_line(&mut out, &failure).context("writing results to stdout")?;
+    }
+    for (path, reason) in &inputs.refused {
+        summary.record(None);
+        eprintln!("{}: {reason}", path.display());
+        write_json_line(&mut out, &FailureRecord { path: path.display().to_string(), error: reason.to_string() })
+            .context("writing results to stdout")?;
     }
     classifier.classify_files(&paths, |path, outcome| {
         let written = match outcome {
@@ -379,40 +394,6 @@ impl RecordContext {
                 .map(|ranked| Ranked { label: ranked.label, confidence: ranked.confidence })
                 .collect(),
             device: self.device,
-        }
-    }
-}
-
-/// Files are taken as given (whatever their extension: the content decides); directories are
-/// searched recursively for files with image extensions, in sorted order. Returns the files and
-/// the inputs that do not exist.
-pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let mut files = Vec::new();
-    let mut missing = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            collect_images(input, &mut files);
-        } else if input.exists() {
-            files.push(input.clone());
-        } else {
-            missing.push(input.clone());
-        }
-    }
-    (files, missing)
-}
-
-fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        eprintln!("warning: cannot read directory {}", dir.display());
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
-    paths.sort();
-    for path in paths {
-        if path.is_dir() {
-            collect_images(&path, files);
-        } else if has_image_extension(&path) {
-            files.push(path);
         }
     }
 }
