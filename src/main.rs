@@ -256,7 +256,7 @@ fn cache_build(args: &CacheBuildArgs) -> Result<()> {
         .unwrap_or_else(|| Path::new("calibration-cache").join(format!("{}.safetensors", bundle.name())));
     let runtime = Runtime::load(args.runtime.ort_lib.as_deref())?;
     build_cache(&runtime, &bundle, &classes, &args.runtime.session_options(), &output)
-        .with_context(|| format!("building the cache {}", output.display()))?;
+        .with_context(|| format!("building the cache {} for the classes in {}", output.display(), args.classes.display()))?;
     let base = classes.is_base.iter().filter(|&&base| base).count();
     eprintln!(
         "wrote {} ({} classes: {} base, {} new)",
