@@ -247,7 +247,7 @@ fn scan_does_not_follow_linked_folders_unless_asked_and_then_enters_each_once() 
     symlink("../other", top.join("out")).unwrap();
     symlink("../top", other.join("back")).unwrap();
 
-    let plain = scan(&[top.clone()], &ScanOptions::default());
+    let plain = scan(std::slice::from_ref(&top), &ScanOptions::default());
     assert_eq!(plain.files, vec![top.join("a.png"), top.join("sub/b.jpg")]);
     assert_eq!(plain.skipped.len(), 3, "{:?}", plain.skipped);
     for link in ["self", "sub/up", "out"] {
@@ -255,7 +255,7 @@ fn scan_does_not_follow_linked_folders_unless_asked_and_then_enters_each_once() 
     }
     assert!(plain.missing.is_empty() && plain.refused.is_empty());
 
-    let followed = scan(&[top.clone()], &ScanOptions { follow_symlinks: true });
+    let followed = scan(std::slice::from_ref(&top), &ScanOptions { follow_symlinks: true });
     assert_eq!(followed.files, vec![top.join("a.png"), top.join("out/c.jpg"), top.join("sub/b.jpg")]);
     let again = SkipReason::DirectoryAlreadyScanned { first: top.clone() };
     for link in ["self", "sub/up", "out/back"] {
