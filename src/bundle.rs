@@ -12,41 +12,85 @@ use sha2::{Digest, Sha256};
 use crate::calibrate::CalibrationSettings;
 use crate::preprocess::PreprocessConfig;
 
+/// File name of the manifest inside a bundle directory.
 pub const MANIFEST_FILE: &str = "bundle.toml";
+/// The manifest's required `format` value.
 pub const BUNDLE_FORMAT: &str = "cac-edge-bundle";
+/// The only manifest `format_version` this build reads.
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;
 
+/// Why a bundle could not be opened or verified.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
+    /// `bundle.toml` is missing or unreadable.
     #[error("{path}: cannot read the bundle manifest: {source}; a bundle directory holds bundle.toml (see docs/FORMATS.md), written by onnx/export.py")]
-    ManifestRead { path: PathBuf, source: std::io::Error },
+    ManifestRead {
+        /// The manifest file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `bundle.toml` does not parse or breaks a rule of the format.
     #[error("{path}: invalid bundle manifest: {message}")]
-    ManifestInvalid { path: PathBuf, message: String },
+    ManifestInvalid {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file the manifest lists is not in the bundle directory.
     #[error("{path}: file named in the bundle manifest is missing; re-export the bundle with onnx/export.py")]
-    FileMissing { path: PathBuf },
+    FileMissing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// A bundle file could not be read while hashing it.
     #[error("{path}: cannot read: {source}")]
-    FileRead { path: PathBuf, source: std::io::Error },
+    FileRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A bundle file's sha256 differs from the one in `bundle.toml`.
     #[error(
         "{path}: content does not match the sha256 in bundle.toml (expected {expected}, found {actual}); \
          the file was changed after export: re-export the bundle, or restore the file"
     )]
-    HashMismatch { path: PathBuf, expected: String, actual: String },
+    HashMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The manifest's sha256, lower-case hex.
+        expected: String,
+        /// The file's sha256, lower-case hex.
+        actual: String,
+    },
 }
 
 /// `bundle.toml`, as written by `onnx/export.py`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// Always [`BUNDLE_FORMAT`].
     pub format: String,
+    /// Always [`BUNDLE_FORMAT_VERSION`]; other versions are refused.
     pub format_version: u32,
+    /// Free text, shown in reports.
     pub name: String,
+    /// Optional free text.
     #[serde(default)]
     pub description: Option<String>,
+    /// D: the width of every encoder's embeddings.
     pub embed_dim: usize,
+    /// The image transform the encoders expect (`[preprocess]`).
     pub preprocess: PreprocessSection,
+    /// Tokenizer settings (`[text]`).
     pub text: TextSection,
+    /// The original CLIP (`[zero_shot]`).
     pub zero_shot: ModelSection,
+    /// The prompt-learned model (`[fine_tuned]`).
     pub fine_tuned: ModelSection,
+    /// Lower-case hex sha256 of every bundle file, by name relative to the bundle (`[files]`).
     pub files: BTreeMap<String, String>,
     /// Default calibration measured for this model (docs/CALIBRATION.md); the command line
     /// overrides it field by field.
@@ -54,32 +98,45 @@ pub struct Manifest {
     pub calibration: CalibrationSettings,
 }
 
+/// The manifest's `[preprocess]` table: the open_clip eval transform.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreprocessSection {
+    /// S, in pixels: the shorter side is resized to S, then centre-cropped to S × S.
     pub image_size: u32,
+    /// Resampling filter; only `"bicubic"` is supported.
     pub interpolation: String,
+    /// Per-channel (RGB) mean subtracted after scaling to 0..1.
     pub mean: [f32; 3],
+    /// Per-channel (RGB) standard deviation divided by; positive.
     pub std: [f32; 3],
 }
 
+/// The manifest's `[text]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TextSection {
+    /// The tokenizer file, relative to the bundle.
     pub tokenizer: String,
+    /// L, in tokens: the text encoders' `input_ids` are `[N, L]`; at least 2.
     pub context_length: usize,
 }
 
+/// The manifest's `[zero_shot]` or `[fine_tuned]` table: one CLIP model.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
+    /// Free text naming the fine-tuning method (coop, kgcoop, maple, ...).
     #[serde(default)]
     pub method: Option<String>,
     /// Required for the zero-shot model; absent for a fine-tuned model that shares it.
     #[serde(default)]
     pub image_encoder: Option<String>,
+    /// The text encoder file, relative to the bundle.
     pub text_encoder: String,
+    /// Prompt template with exactly one `{}`, replaced by the class name.
     pub template: String,
+    /// The factor cosine similarities are multiplied by (CLIP's exp(logit_scale)); positive.
     pub logit_scale: f32,
 }
 
@@ -92,6 +149,7 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// Reads and validates `dir/bundle.toml` and checks that every file it lists exists.
     pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&manifest_path)
@@ -109,18 +167,22 @@ impl Bundle {
         Ok(bundle)
     }
 
+    /// The bundle directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The parsed `bundle.toml`.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
+    /// The manifest's `name`.
     pub fn name(&self) -> &str {
         &self.manifest.name
     }
 
+    /// D: the width of every encoder's embeddings.
     pub fn embed_dim(&self) -> usize {
         self.manifest.embed_dim
     }
@@ -131,14 +193,17 @@ impl Bundle {
         PreprocessConfig { image_size: section.image_size, mean: section.mean, std: section.std }
     }
 
+    /// The tokenizer file.
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.text.tokenizer)
     }
 
+    /// L: the token sequence length of the text encoders.
     pub fn context_length(&self) -> usize {
         self.manifest.text.context_length
     }
 
+    /// The zero-shot (original CLIP) image encoder.
     pub fn image_zs_path(&self) -> PathBuf {
         // validate_manifest guarantees the zero-shot image encoder is named.
         self.dir.join(self.manifest.zero_shot.image_encoder.as_deref().unwrap_or_default())
@@ -149,10 +214,12 @@ impl Bundle {
         self.manifest.fine_tuned.image_encoder.as_ref().map(|name| self.dir.join(name))
     }
 
+    /// The zero-shot (original CLIP) text encoder.
     pub fn text_zs_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.zero_shot.text_encoder)
     }
 
+    /// The fine-tuned text encoder.
     pub fn text_ft_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.fine_tuned.text_encoder)
     }
@@ -271,6 +338,7 @@ pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// Lower-case hex of `bytes`, two digits a byte.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut text, byte| {
         let _ = write!(text, "{byte:02x}");

@@ -29,7 +29,9 @@ use crate::runtime::{Runtime, SessionOptions};
 use crate::threshold::{THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
 use crate::tokenize::{ClipTokenizer, TokenizeError};
 
+/// The cache's `format` metadata value.
 pub const CACHE_FORMAT: &str = "cac-edge-text-cache";
+/// The only cache `format_version` this build reads and writes.
 pub const CACHE_FORMAT_VERSION: u32 = 1;
 const TEXT_FEATURES: &str = "text_features";
 const DAC_FACTORS: &str = "dac_factors";
@@ -38,6 +40,7 @@ const CLASS_NAMES: &str = "class_names";
 /// Texts per text-encoder run while building.
 const TEXT_BATCH: usize = 64;
 
+/// Why a cache or class list could not be read, built, written or used.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// There is no cache file at the path.
@@ -102,6 +105,77 @@ pub enum CacheError {
         /// What is wrong.
         message: String,
     },
+    /// Two names in one list that are the same class to the model: equal once case, spacing
+    /// and Unicode form are ignored.
+    #[error(
+        "{path}:{line}: class '{name}' differs from '{first}' (line {first_line}) only in case, spacing or Unicode form: \
+         the model would see one class twice and split its confidence between the two; rename or remove one"
+    )]
+    NearDuplicate {
+        /// The class list file.
+        path: PathBuf,
+        /// The line of the second name.
+        line: usize,
+        /// The second name.
+        name: String,
+        /// The line of the first name.
+        first_line: usize,
+        /// The first name.
+        first: String,
+    },
+    /// A class list of fewer than two classes.
+    #[error(
+        "{path}: only {count} class: a classifier needs at least two deployed classes (with one, every image is that \
+         class at confidence 1.0); list every class the camera may see"
+    )]
+    TooFewClasses {
+        /// The class list file.
+        path: PathBuf,
+        /// The classes it lists.
+        count: usize,
+    },
+    /// Two classes whose prompts give the same token ids once cut to the context length.
+    /// Classes are numbered from 1 in list order (names only, not counting comments or blanks).
+    #[error(
+        "class {first} '{first_name}' and class {second} '{second_name}' give identical token ids in the prompt \
+         template '{template}' once cut to the context length of {context_length} tokens: the model cannot tell \
+         them apart; rename or remove one (make them differ near the start)"
+    )]
+    SameTokens {
+        /// The first class's number.
+        first: usize,
+        /// The first class's name.
+        first_name: String,
+        /// The second class's number.
+        second: usize,
+        /// The second class's name.
+        second_name: String,
+        /// The prompt template.
+        template: String,
+        /// The text encoder's context length.
+        context_length: usize,
+    },
+    /// Two classes whose text features are (nearly) identical. Classes are numbered from 1 in
+    /// list order (names only).
+    #[error(
+        "class {first} '{first_name}' and class {second} '{second_name}' have the same {encoder} text features \
+         (cosine {cosine:.6}): the model cannot tell them apart and would split its confidence between them; \
+         rename or remove one"
+    )]
+    SameFeatures {
+        /// The first class's number.
+        first: usize,
+        /// The first class's name.
+        first_name: String,
+        /// The second class's number.
+        second: usize,
+        /// The second class's name.
+        second_name: String,
+        /// "zero-shot" or "fine-tuned".
+        encoder: &'static str,
+        /// The cosine of their features.
+        cosine: f64,
+    },
     /// The bundle could not be opened.
     #[error(transparent)]
     Bundle(#[from] BundleError),
@@ -130,15 +204,22 @@ impl CacheError {
 /// The deployed classes, in order, and which of them the fine-tuned model was trained on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassList {
+    /// The class names, in list order.
     pub names: Vec<String>,
+    /// Per class: whether the fine-tuned model was trained on it.
     pub is_base: Vec<bool>,
 }
 
 impl ClassList {
     /// Reads `classes` (one class name per line) and `base` (the base-class subset, one per
-    /// line). Blank lines and lines starting with `#` are ignored; names are trimmed.
+    /// line). Blank lines and lines starting with `#` are ignored; names are trimmed; a UTF-8
+    /// byte-order mark at the start of a file is ignored. Refused: fewer than two classes, a
+    /// name listed twice, and names that differ only in case, spacing or Unicode normal form.
     pub fn from_files(classes: &Path, base: &Path) -> Result<ClassList, CacheError> {
         let names = read_name_list(classes)?;
+        if names.len() < 2 {
+            return Err(CacheError::TooFewClasses { path: classes.to_path_buf(), count: names.len() });
+        }
         let base_names = read_name_list(base)?;
         let known: HashSet<&str> = names.iter().map(|(_, name)| name.as_str()).collect();
         for (line, name) in &base_names {
@@ -175,22 +256,41 @@ impl ClassList {
     }
 }
 
+/// What two names that are the same class to the model share: NFKC form, lower case, runs of
+/// (Unicode) white space as one space.
+fn name_key(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded = name.nfkc().collect::<String>().to_lowercase();
+    folded.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn read_name_list(path: &Path) -> Result<Vec<(usize, String)>, CacheError> {
     let text = std::fs::read_to_string(path).map_err(|source| CacheError::Read { path: path.to_path_buf(), source })?;
-    let mut seen = HashMap::new();
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut seen: HashMap<String, (usize, String)> = HashMap::new();
     let mut names = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let (line, name) = (index + 1, raw.trim());
         if name.is_empty() || name.starts_with('#') {
             continue;
         }
-        if let Some(first) = seen.insert(name.to_string(), line) {
-            return Err(CacheError::ClassList {
+        if let Some((first_line, first)) = seen.get(&name_key(name)) {
+            if first == name {
+                return Err(CacheError::ClassList {
+                    path: path.to_path_buf(),
+                    line,
+                    message: format!("class '{name}' is listed twice (first on line {first_line})"),
+                });
+            }
+            return Err(CacheError::NearDuplicate {
                 path: path.to_path_buf(),
                 line,
-                message: format!("class '{name}' is listed twice (first on line {first})"),
+                name: name.to_string(),
+                first_line: *first_line,
+                first: first.clone(),
             });
         }
+        seen.insert(name_key(name), (line, name.to_string()));
         names.push((line, name.to_string()));
     }
     if names.is_empty() {
@@ -232,13 +332,21 @@ pub fn build_cache(
         manifest.fine_tuned.text_encoder.as_str(),
     ])?;
     let tokenizer = ClipTokenizer::from_file(&bundle.tokenizer_path(), bundle.context_length())?;
-    let encode = |path: &Path, template: &str| -> Result<Array2<f32>, CacheError> {
+    // Two classes the model cannot tell apart would split their confidence: refused, first by
+    // their token ids (before any encoder runs), then by their features.
+    let zero_shot_ids = prompt_ids(&tokenizer, &manifest.zero_shot.template, &classes.names)?;
+    let fine_tuned_ids = prompt_ids(&tokenizer, &manifest.fine_tuned.template, &classes.names)?;
+    check_distinct_tokens(&classes.names, zero_shot_ids.view(), &manifest.zero_shot.template)?;
+    check_distinct_tokens(&classes.names, fine_tuned_ids.view(), &manifest.fine_tuned.template)?;
+    let encode = |path: &Path, ids: ArrayView2<'_, i64>| -> Result<Array2<f32>, CacheError> {
         let mut encoder =
             Encoder::open_text(runtime, path, session_options, bundle.context_length(), bundle.embed_dim())?;
-        encode_class_prompts(&mut encoder, &tokenizer, template, &classes.names)
+        encode_class_prompts(&mut encoder, ids)
     };
-    let zero_shot = encode(&bundle.text_zs_path(), &manifest.zero_shot.template)?;
-    let fine_tuned = encode(&bundle.text_ft_path(), &manifest.fine_tuned.template)?;
+    let zero_shot = encode(&bundle.text_zs_path(), zero_shot_ids.view())?;
+    check_distinct_features(&classes.names, zero_shot.view(), "zero-shot")?;
+    let fine_tuned = encode(&bundle.text_ft_path(), fine_tuned_ids.view())?;
+    check_distinct_features(&classes.names, fine_tuned.view(), "fine-tuned")?;
     let factors = dac_factors(zero_shot.view(), fine_tuned.view(), &classes.is_base);
     let stacked = ndarray::concatenate(Axis(0), &[zero_shot.view(), fine_tuned.view()])
         .map_err(|error| CacheError::Invalid { path: output.to_path_buf(), message: error.to_string() })?;
@@ -254,18 +362,74 @@ pub fn build_cache(
     write_cache(output, &contents)
 }
 
-fn encode_class_prompts(
-    encoder: &mut Encoder,
-    tokenizer: &ClipTokenizer,
-    template: &str,
-    names: &[String],
-) -> Result<Array2<f32>, CacheError> {
+/// [C, context_length] token ids of `template` filled with each name.
+fn prompt_ids(tokenizer: &ClipTokenizer, template: &str, names: &[String]) -> Result<Array2<i64>, CacheError> {
     let prompts: Vec<String> = names.iter().map(|name| template.replacen("{}", name, 1)).collect();
-    let mut rows = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(TEXT_BATCH) {
-        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let ids = tokenizer.encode_batch(&texts)?;
-        rows.push(encoder.encode_texts(ids.view())?);
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    Ok(tokenizer.encode_batch(&texts)?)
+}
+
+/// Refuses two classes whose prompts have the same ids (the tokenizer folds case and spacing,
+/// and cuts long prompts to the context length).
+fn check_distinct_tokens(names: &[String], ids: ArrayView2<'_, i64>, template: &str) -> Result<(), CacheError> {
+    let mut seen: HashMap<Vec<i64>, usize> = HashMap::new();
+    for (class, row) in ids.rows().into_iter().enumerate() {
+        if let Some(&first) = seen.get(&row.to_vec()) {
+            return Err(CacheError::SameTokens {
+                first: first + 1,
+                first_name: names[first].clone(),
+                second: class + 1,
+                second_name: names[class].clone(),
+                template: template.to_string(),
+                context_length: ids.ncols(),
+            });
+        }
+        seen.insert(row.to_vec(), class);
+    }
+    Ok(())
+}
+
+/// Cosine similarity at or above which two classes' text features count as the same.
+pub const SAME_FEATURES_COSINE: f64 = 0.9999;
+
+/// Refuses two rows of `features` ([C, D]) whose cosine similarity is at least
+/// [`SAME_FEATURES_COSINE`]; `encoder` names the text encoder in the error.
+fn check_distinct_features(names: &[String], features: ArrayView2<'_, f32>, encoder: &'static str) -> Result<(), CacheError> {
+    let norms: Vec<f64> =
+        features.rows().into_iter().map(|row| row.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()).collect();
+    let mut unit = features.to_owned();
+    for (mut row, &norm) in unit.rows_mut().into_iter().zip(&norms) {
+        if norm > 0.0 {
+            row.mapv_inplace(|x| (f64::from(x) / norm) as f32);
+        }
+    }
+    // Blocks of rows against all rows: C x C similarities without holding them all at once.
+    const BLOCK: usize = 256;
+    for (block_index, block) in unit.axis_chunks_iter(Axis(0), BLOCK).enumerate() {
+        let similarities = block.dot(&unit.t());
+        for (offset, row) in similarities.rows().into_iter().enumerate() {
+            let first = block_index * BLOCK + offset;
+            for (second, &cosine) in row.iter().enumerate().skip(first + 1) {
+                if f64::from(cosine) >= SAME_FEATURES_COSINE {
+                    return Err(CacheError::SameFeatures {
+                        first: first + 1,
+                        first_name: names[first].clone(),
+                        second: second + 1,
+                        second_name: names[second].clone(),
+                        encoder,
+                        cosine: f64::from(cosine),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_class_prompts(encoder: &mut Encoder, ids: ArrayView2<'_, i64>) -> Result<Array2<f32>, CacheError> {
+    let mut rows = Vec::with_capacity(ids.nrows().div_ceil(TEXT_BATCH));
+    for chunk in ids.axis_chunks_iter(Axis(0), TEXT_BATCH) {
+        rows.push(encoder.encode_texts(chunk)?);
     }
     let views: Vec<ArrayView2<'_, f32>> = rows.iter().map(|rows| rows.view()).collect();
     // Every batch has the encoder's checked width, so this only fails for an empty class list,
@@ -277,13 +441,19 @@ fn encode_class_prompts(
 
 /// What a cache file holds.
 pub struct CacheContents<'a> {
+    /// The classes, in row order.
     pub classes: &'a ClassList,
     /// [2C, D]: zero-shot rows then fine-tuned rows, L2-normalised.
     pub stacked_text: ArrayView2<'a, f32>,
+    /// DAC's factor r(c) per class.
     pub dac_factors: &'a [f32],
+    /// The zero-shot model's logit scale.
     pub logit_scale_zs: f32,
+    /// The fine-tuned model's logit scale.
     pub logit_scale_ft: f32,
+    /// [`source_hash`] of the bundle and class list.
     pub source_hash: String,
+    /// The bundle's name, for reports.
     pub bundle_name: &'a str,
 }
 
@@ -414,6 +584,7 @@ impl std::fmt::Debug for TextFeatureCache {
 }
 
 impl TextFeatureCache {
+    /// Maps the cache at `path` and checks its format (and checksum, if asked).
     pub fn open(path: &Path, options: CacheOpenOptions) -> Result<TextFeatureCache, CacheError> {
         let file = File::open(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => CacheError::Missing { path: path.to_path_buf() },
@@ -487,22 +658,27 @@ impl TextFeatureCache {
         Ok(cache)
     }
 
+    /// The cache file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The class names, in row order.
     pub fn class_names(&self) -> &[String] {
         &self.names
     }
 
+    /// C: the number of classes.
     pub fn num_classes(&self) -> usize {
         self.names.len()
     }
 
+    /// D: the width of the text features.
     pub fn embed_dim(&self) -> usize {
         self.embed_dim
     }
 
+    /// Whether class `class` (0-based) is a base class; false out of range.
     pub fn is_base(&self, class: usize) -> bool {
         self.mmap[self.base_range.clone()].get(class).is_some_and(|&flag| flag != 0)
     }
@@ -513,22 +689,27 @@ impl TextFeatureCache {
         ArrayView2::from_shape((2 * self.names.len(), self.embed_dim), values).expect("shape checked at open")
     }
 
+    /// DAC's factor r(c) per class.
     pub fn dac_factors(&self) -> &[f32] {
         bytemuck::cast_slice(&self.mmap[self.factors_range.clone()])
     }
 
+    /// The zero-shot model's logit scale.
     pub fn logit_scale_zs(&self) -> f32 {
         self.logit_scale_zs
     }
 
+    /// The fine-tuned model's logit scale.
     pub fn logit_scale_ft(&self) -> f32 {
         self.logit_scale_ft
     }
 
+    /// The stored [`source_hash`] of the inputs it was built from; empty if absent.
     pub fn source_hash(&self) -> &str {
         self.metadata.get("source_hash").map(String::as_str).unwrap_or_default()
     }
 
+    /// The safetensors header's metadata, key by key.
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
     }
@@ -589,4 +770,132 @@ fn check_format(path: &Path, metadata: &HashMap<String, String>) -> Result<(), C
         return Err(CacheError::Version { path: path.to_path_buf(), found: version });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `classes` and `base` to a temporary folder and loads them.
+    fn load(classes: &str, base: &str) -> Result<ClassList, CacheError> {
+        let dir = tempfile::tempdir().unwrap();
+        let (classes_path, base_path) = (dir.path().join("classes.txt"), dir.path().join("base.txt"));
+        std::fs::write(&classes_path, classes).unwrap();
+        std::fs::write(&base_path, base).unwrap();
+        ClassList::from_files(&classes_path, &base_path)
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored_in_both_files() {
+        let list = load("\u{feff}red heart\ngreen triangle\n", "\u{feff}red heart\n").unwrap();
+        assert_eq!(list, ClassList { names: vec!["red heart".into(), "green triangle".into()], is_base: vec![true, false] });
+        // Only at the start of the file; elsewhere it is part of the text.
+        let list = load("red heart\n\u{feff}green triangle\n", "red heart\n").unwrap();
+        assert_eq!(list.names[1], "\u{feff}green triangle");
+    }
+
+    #[test]
+    fn fewer_than_two_classes_are_refused() {
+        let error = load("# one\nred heart\n\n", "red heart\n").unwrap_err();
+        assert!(matches!(error, CacheError::TooFewClasses { count: 1, .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("classes.txt: only 1 class: a classifier needs at least two"), "{message}");
+        assert!(message.contains("confidence 1.0"), "{message}");
+        assert!(load("red heart\nblue square\n", "red heart\n").is_ok());
+    }
+
+    #[test]
+    fn names_that_differ_only_in_case_spacing_or_unicode_form_are_refused() {
+        for (near, first_line) in [
+            ("Green Triangle", 3),
+            ("green  triangle", 3),
+            ("green\ttriangle", 3),
+            ("green\u{a0}triangle", 3),
+            ("green\u{3000}TRIANGLE", 3),
+            ("ｇｒｅｅｎ triangle", 3),  // fullwidth: NFKC
+            ("cafe\u{301}", 2),          // decomposed é: NFC
+            ("CAFÉ", 2),
+        ] {
+            let classes = format!("red heart\ncaf\u{e9}\ngreen triangle\n# comment\n{near}\n");
+            let error = load(&classes, "red heart\n").unwrap_err();
+            match &error {
+                CacheError::NearDuplicate { line, first_line: first, name, .. } => {
+                    assert_eq!((*line, *first, name.as_str()), (5, first_line, near), "{error}");
+                }
+                other => panic!("{near:?}: {other:?}"),
+            }
+            let message = error.to_string();
+            assert!(message.contains(&format!("classes.txt:5: class '{near}' differs from")), "{message}");
+            assert!(message.contains(&format!("(line {first_line}) only in case, spacing or Unicode form")), "{message}");
+            assert!(message.contains("rename or remove one"), "{message}");
+        }
+        // The same name twice keeps its own message; different words are fine.
+        let error = load("red heart\ngreen triangle\nred heart\n", "red heart\n").unwrap_err().to_string();
+        assert!(error.ends_with("classes.txt:3: class 'red heart' is listed twice (first on line 1)"), "{error}");
+        assert!(load("red heart\nred hearts\nredheart\n", "red heart\n").is_ok());
+        // The base list too.
+        let error = load("red heart\ngreen triangle\n", "red heart\nRed Heart\n").unwrap_err();
+        assert!(matches!(error, CacheError::NearDuplicate { line: 2, first_line: 1, .. }), "{error:?}");
+    }
+
+    fn names(count: usize) -> Vec<String> {
+        (1..=count).map(|class| format!("class{class}")).collect()
+    }
+
+    #[test]
+    fn identical_token_rows_are_refused_naming_both_classes() {
+        let ids = ndarray::array![[49406, 320, 1929, 49407], [49406, 320, 1930, 49407], [49406, 320, 1929, 49407]];
+        let error = check_distinct_tokens(&names(3), ids.view(), "a photo of a {}.").unwrap_err();
+        assert!(
+            matches!(&error, CacheError::SameTokens { first: 1, second: 3, context_length: 4, .. }),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.starts_with("class 1 'class1' and class 3 'class3' give identical token ids"), "{message}");
+        assert!(message.contains("context length of 4 tokens") && message.contains("rename or remove one"), "{message}");
+        assert!(check_distinct_tokens(&names(2), ids.slice(ndarray::s![..2, ..]), "{}").is_ok());
+    }
+
+    /// Deterministic pseudo-random features in [-1, 1).
+    fn features(rows: usize, dim: usize) -> Array2<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        Array2::from_shape_simple_fn((rows, dim), || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+    }
+
+    #[test]
+    fn identical_or_nearly_identical_features_are_refused_naming_both_classes() {
+        let dim = 64;
+        let mut rows = features(300, dim);
+        assert!(check_distinct_features(&names(300), rows.view(), "zero-shot").is_ok());
+
+        // Row 291 (class 292) in the second block: row 6 scaled, i.e. the same direction.
+        let copy = rows.row(6).mapv(|x| 3.0 * x);
+        rows.row_mut(291).assign(&copy);
+        let error = check_distinct_features(&names(300), rows.view(), "fine-tuned").unwrap_err();
+        match &error {
+            CacheError::SameFeatures { first, second, encoder, cosine, .. } => {
+                assert_eq!((*first, *second, *encoder), (7, 292, "fine-tuned"));
+                assert!((cosine - 1.0).abs() < 1e-6, "{cosine}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let message = error.to_string();
+        assert!(message.starts_with("class 7 'class7' and class 292 'class292' have the same fine-tuned text features (cosine 1.000000)"), "{message}");
+        assert!(message.contains("rename or remove one"), "{message}");
+
+        // Just above and just below the threshold: a small change along an orthogonal direction.
+        let base = ndarray::Array1::from_shape_fn(dim, |i| if i == 0 { 1.0f32 } else { 0.0 });
+        for (angle_cosine, refused) in [(0.99995f64, true), (0.9998, false)] {
+            let sine = (1.0 - angle_cosine * angle_cosine).sqrt();
+            let mut pair = Array2::<f32>::zeros((2, dim));
+            pair.row_mut(0).assign(&base);
+            pair[[1, 0]] = angle_cosine as f32;
+            pair[[1, 1]] = sine as f32;
+            let outcome = check_distinct_features(&names(2), pair.view(), "zero-shot");
+            assert_eq!(outcome.is_err(), refused, "cosine {angle_cosine}: {outcome:?}");
+        }
+    }
 }

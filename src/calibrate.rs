@@ -24,6 +24,7 @@ use ndarray::ArrayView2;
 
 /// The paper's reported defaults for CAC.
 pub const CAC_PAPER_ALPHA: f64 = 1.10;
+/// The paper's reported default k for the logit distance, in logit units.
 pub const CAC_PAPER_K: f64 = 15.0;
 /// k for the probability-distance variant, whose contrast lies in [0, 2] instead of logit units.
 /// Not from the paper: chosen so that the weight spans a range similar to the logit variant's;
@@ -31,6 +32,7 @@ pub const CAC_PAPER_K: f64 = 15.0;
 pub const CAC_PROBS_DEFAULT_K: f64 = 2.0;
 /// DAC: neighbours averaged, and the fine-tuned distance under which a class counts as base.
 pub const DAC_NEIGHBOURS: usize = 5;
+/// DAC: a class this close (Euclidean, fine-tuned space) to a base class counts as base (r = 1).
 pub const DAC_BASE_DISTANCE: f64 = 0.05;
 
 /// How the contrast between fine-tuned and zero-shot logits is measured.
@@ -43,20 +45,26 @@ pub enum ContrastDistance {
     Probs,
 }
 
+/// Contrast-Aware Calibration's parameters: `w = α · exp(−d(x) / k)`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct CacParams {
+    /// α: the weight at zero contrast; positive.
     pub alpha: f64,
+    /// k: the scale of the exponential map, in the units of the contrast; positive.
     pub k: f64,
+    /// How the contrast d(x) is measured.
     pub distance: ContrastDistance,
     /// Advanced CAC thresholds (λ1, λ2), λ1 ≤ λ2.
     pub thresholds: Option<(f64, f64)>,
 }
 
 impl CacParams {
+    /// α = 1.10, k = 15, logit distance, no thresholds.
     pub fn paper_defaults() -> Self {
         CacParams { alpha: CAC_PAPER_ALPHA, k: CAC_PAPER_K, distance: ContrastDistance::Logits, thresholds: None }
     }
 
+    /// Checks that α and k are positive and 0 ≤ λ1 ≤ λ2; the error says which is not.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(format!("CAC alpha must be a positive number, got {}", self.alpha));
@@ -73,16 +81,25 @@ impl CacParams {
     }
 }
 
+/// A calibration method with its parameters, resolved and ready to apply.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[serde(tag = "method", rename_all = "lowercase")]
 pub enum Calibration {
+    /// The uncalibrated softmax of the fine-tuned logits (`w = 1`).
     None,
-    Ts { temperature: f64 },
+    /// Temperature scaling (`w = 1 / T`).
+    Ts {
+        /// T; positive.
+        temperature: f64,
+    },
+    /// Distance-Aware Calibration: the cache's per-class factor of the predicted class.
     Dac,
+    /// Contrast-Aware Calibration.
     Cac(CacParams),
 }
 
 impl Calibration {
+    /// `"none"`, `"ts"`, `"dac"` or `"cac"`, as in every output line.
     pub fn name(&self) -> &'static str {
         match self {
             Calibration::None => "none",
@@ -92,6 +109,7 @@ impl Calibration {
         }
     }
 
+    /// Checks the parameters (a positive temperature, valid CAC parameters).
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Calibration::Ts { temperature } if !(temperature.is_finite() && *temperature > 0.0) => {
@@ -226,12 +244,26 @@ impl CalibrationSettings {
     }
 }
 
+/// Why one image's logits could not be calibrated.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CalibrationError {
+    /// A fine-tuned or zero-shot logit is NaN or infinite.
     #[error("the model produced a non-finite logit (NaN or infinity) for class {class}; the encoder output is invalid")]
-    NonFinite { class: usize },
+    NonFinite {
+        /// The class index of the first such logit.
+        class: usize,
+    },
+    /// The fine-tuned logits, zero-shot logits and DAC factors differ in length.
     #[error("logit vectors disagree in length ({fine_tuned} fine-tuned, {zero_shot} zero-shot, {factors} DAC factors)")]
-    LengthMismatch { fine_tuned: usize, zero_shot: usize, factors: usize },
+    LengthMismatch {
+        /// Number of fine-tuned logits.
+        fine_tuned: usize,
+        /// Number of zero-shot logits.
+        zero_shot: usize,
+        /// Number of DAC factors.
+        factors: usize,
+    },
+    /// There are no logits at all.
     #[error("no classes to classify")]
     Empty,
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use cac_edge::cache::CacheOpenOptions;
+use cac_edge::inputs::{scan, Scan, ScanOptions, SkipReason};
 use cac_edge::runtime::MAX_INTRA_THREADS;
 use cac_edge::{CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, SessionOptions};
 
@@ -119,6 +120,32 @@ impl CalibrationArgs {
             lambda2: self.cac_lambda2,
             temperature: self.temperature,
         }
+    }
+}
+
+/// The images to read.
+#[derive(Args)]
+#[command(next_help_heading = INPUT)]
+pub(crate) struct InputArgs {
+    /// Images or directories (directories are searched recursively for image files; anything
+    /// that is not a regular file is passed over, and each file is read once).
+    #[arg(required = true, value_name = "PATH")]
+    pub(crate) inputs: Vec<PathBuf>,
+    /// Follow symbolic links to directories found inside the directories searched (each
+    /// directory is still searched once, so a link loop cannot repeat images).
+    #[arg(long)]
+    pub(crate) follow: bool,
+}
+
+impl InputArgs {
+    /// The image files the inputs name; what was passed over is noted on stderr.
+    pub(crate) fn scan(&self) -> Scan {
+        let scanned = scan(&self.inputs, &ScanOptions { follow_symlinks: self.follow });
+        for (path, reason) in &scanned.skipped {
+            let how = if *reason == SkipReason::SymlinkedDirectory { " (--follow searches it)" } else { "" };
+            tracing::info!("note: {}: {reason}{how}", path.display());
+        }
+        scanned
     }
 }
 

@@ -3,7 +3,6 @@
 //! A thin layer over [`cac_edge::bench`]: a human table on stdout, or the whole report as JSON
 //! (`--json`); progress on stderr. Exit 2 when nothing could run (like every command).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -13,8 +12,7 @@ use clap::Args;
 use cac_edge::tooling::bench::{run_bench, BatchResult, BenchOptions, BenchReport, Timing};
 use cac_edge::{ClassifierOptions, DecodeLimits, Runtime};
 
-use crate::cli_args::{ModelArgs, RuntimeArgs, INPUT, OUTPUT};
-use crate::cli_classify::expand_inputs;
+use crate::cli_args::{InputArgs, ModelArgs, RuntimeArgs, OUTPUT};
 use crate::cli_output::print_stdout;
 
 const MEASURE: &str = "Measurement";
@@ -23,10 +21,8 @@ const MEASURE: &str = "Measurement";
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Images or directories (searched recursively for image files). All are decoded once and
-    /// kept in memory: a few dozen to a few hundred images are enough.
-    #[arg(required = true, value_name = "PATH", help_heading = INPUT)]
-    inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    inputs: InputArgs,
     /// Batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32], help_heading = MEASURE)]
     batch_sizes: Vec<usize>,
@@ -47,13 +43,18 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) fn run(args: &BenchArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
-    let (images, missing) = expand_inputs(&args.inputs);
-    if !missing.is_empty() {
-        let names: Vec<String> = missing.iter().map(|path| path.display().to_string()).collect();
+    let inputs = args.inputs.scan();
+    if !inputs.missing.is_empty() {
+        let names: Vec<String> = inputs.missing.iter().map(|path| path.display().to_string()).collect();
         bail!("no such file or directory: {}; check the paths", names.join(", "));
     }
+    if let Some((path, reason)) = inputs.refused.first() {
+        bail!("{}: {reason}", path.display());
+    }
+    let images = inputs.files;
     if images.is_empty() {
-        bail!("no image files found in {}", args.inputs.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", "));
+        let given: Vec<String> = args.inputs.inputs.iter().map(|path| path.display().to_string()).collect();
+        bail!("no image files found in {}", given.join(", "));
     }
     let options = BenchOptions {
         classifier: ClassifierOptions {

@@ -50,7 +50,7 @@ pub(crate) fn build(args: &CacheBuildArgs, runtime: &Arc<Runtime>) -> Result<()>
     let classes = ClassList::from_files(&args.classes, &args.base)?;
     let output = args.output.clone().unwrap_or_else(|| default_cache_path(&bundle));
     build_cache(runtime, &bundle, &classes, &args.runtime.session_options(), &output)
-        .with_context(|| format!("building the cache {}", output.display()))?;
+        .with_context(|| format!("building the cache {} for the classes in {}", output.display(), args.classes.display()))?;
     let base = classes.is_base.iter().filter(|&&base| base).count();
     tracing::info!("wrote {} ({} classes: {} base, {} new)", output.display(), classes.names.len(), base, classes.names.len() - base);
     print_stdout(&format!("{}\n", output.display()))

@@ -1,7 +1,7 @@
 //! `cac-edge classify`: one JSON line per image on stdout, a summary on stderr.
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,20 +9,19 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use cac_edge::cache::ClassList;
-use cac_edge::preprocess::has_image_extension;
+use cac_edge::preprocess::IMAGE_EXTENSIONS;
 use cac_edge::report::{FailureRecord, PredictionRecord, RecordPath, Summary};
 use cac_edge::{Classifier, Runtime};
 
-use crate::cli_args::{probability, CalibrationArgs, DecodeArgs, ModelArgs, RuntimeArgs, INPUT, MODEL, OUTPUT};
+use crate::cli_args::{probability, CalibrationArgs, DecodeArgs, InputArgs, ModelArgs, RuntimeArgs, MODEL, OUTPUT};
 use crate::cli_output::{OutputError, ResultLines};
 
 #[derive(Args)]
 pub(crate) struct ClassifyArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Images or directories (searched recursively for image files).
-    #[arg(required = true, value_name = "PATH", help_heading = INPUT)]
-    inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    inputs: InputArgs,
     #[command(flatten)]
     decode: DecodeArgs,
     /// Accept a prediction when its calibrated confidence is at least this, in [0, 1] (default:
@@ -45,10 +44,11 @@ pub(crate) struct ClassifyArgs {
 }
 
 pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
-    let (paths, missing) = expand_inputs(&args.inputs);
-    if paths.is_empty() && missing.is_empty() {
-        let inputs: Vec<String> = args.inputs.iter().map(|path| path.display().to_string()).collect();
-        tracing::error!("no image files found in {} (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff, .gif)", inputs.join(", "));
+    // Scanned before the model loads: a typo in a path costs no start-up time.
+    let inputs = args.inputs.scan();
+    if inputs.files.is_empty() && inputs.missing.is_empty() && inputs.refused.is_empty() {
+        let given: Vec<String> = args.inputs.inputs.iter().map(|path| path.display().to_string()).collect();
+        tracing::error!("no image files found in {} (looked for {})", given.join(", "), IMAGE_EXTENSIONS.join(", "));
         return Ok(ExitCode::from(1));
     }
     let mut options = args.decode.classifier_options(&args.model, &args.runtime, 8);
@@ -65,17 +65,19 @@ pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCod
     }
     let mut summary = Summary::default();
     let mut out = ResultLines::new();
+    let unusable = inputs.missing.iter().map(|path| (path, "no such file or directory; check the path".to_string()));
+    let unusable = unusable.chain(inputs.refused.iter().map(|(path, reason)| (path, reason.to_string())));
     let mut stopped = None;
-    for path in &missing {
+    for (path, error) in unusable {
         summary.record(None);
-        tracing::warn!("{}: no such file or directory; check the path", path.display());
-        if let Err(error) = out.write(&FailureRecord { path: RecordPath::new(path), error: "no such file or directory".into() }) {
+        tracing::warn!("{}: {error}", path.display());
+        if let Err(error) = out.write(&FailureRecord { path: RecordPath::new(path), error }) {
             stopped = Some(error);
             break;
         }
     }
     if stopped.is_none() {
-        stopped = classify_files(&mut classifier, &paths, &mut out, &mut summary);
+        stopped = classify_files(&mut classifier, &inputs.files, &mut out, &mut summary);
     }
     match stopped {
         Some(OutputError::Closed) => return Ok(ExitCode::SUCCESS),
@@ -121,38 +123,4 @@ fn classify_files(classifier: &mut Classifier, paths: &[PathBuf], out: &mut Resu
         }
     });
     stopped
-}
-
-/// Files are taken as given (whatever their extension: the content decides); directories are
-/// searched recursively for files with image extensions, in sorted order. Returns the files and
-/// the inputs that do not exist.
-pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let mut files = Vec::new();
-    let mut missing = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            collect_images(input, &mut files);
-        } else if input.exists() {
-            files.push(input.clone());
-        } else {
-            missing.push(input.clone());
-        }
-    }
-    (files, missing)
-}
-
-fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        tracing::warn!("cannot read directory {}", dir.display());
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
-    paths.sort();
-    for path in paths {
-        if path.is_dir() {
-            collect_images(&path, files);
-        } else if has_image_extension(&path) {
-            files.push(path);
-        }
-    }
 }

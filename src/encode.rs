@@ -9,22 +9,40 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::runtime::{ChosenDevice, Runtime, RuntimeError, SessionOptions};
 
+/// The image encoders' input: f32 `[N, 3, S, S]`.
 pub const IMAGE_INPUT: &str = "pixel_values";
+/// The image encoders' output: f32 `[N, D]`.
 pub const IMAGE_OUTPUT: &str = "image_embeds";
+/// The text encoders' input: i64 `[N, L]`.
 pub const TEXT_INPUT: &str = "input_ids";
+/// The text encoders' output: f32 `[N, D]`.
 pub const TEXT_OUTPUT: &str = "text_embeds";
 
+/// Why an encoder could not be opened or run.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
+    /// ONNX Runtime could not create the session.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The graph's inputs or outputs do not match the ONNX contract.
     #[error(
         "{path}: the graph does not honour the cac-edge ONNX contract: {message}; \
          export it with onnx/export.py (see docs/FORMATS.md)"
     )]
-    Contract { path: PathBuf, message: String },
+    Contract {
+        /// The model file.
+        path: PathBuf,
+        /// What does not match.
+        message: String,
+    },
+    /// Running the graph failed or returned an output of the wrong shape.
     #[error("{path}: inference failed: {message}")]
-    Inference { path: PathBuf, message: String },
+    Inference {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message, or what is wrong with the output.
+        message: String,
+    },
 }
 
 /// What one encoder graph must look like.
@@ -105,14 +123,17 @@ impl Encoder {
         })
     }
 
+    /// The execution provider the session runs on.
     pub fn device(&self) -> &ChosenDevice {
         &self.device
     }
 
+    /// The model file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// D: the width of the embeddings it returns.
     pub fn embed_dim(&self) -> usize {
         self.embed_dim
     }

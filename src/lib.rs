@@ -33,7 +33,8 @@
 //! decode/preprocess ([`preprocess`]) → encode ([`runtime`], [`encode`]) → text-feature cache
 //! ([`cache`], built with [`tokenize`] from a [`bundle`]) → logits ([`logits`]) → calibrate
 //! ([`calibrate`]) → decide ([`decide`], with the [`threshold`] in force) → report ([`report`]).
-//! [`doctor`] checks a box before it is trusted.
+//! [`inputs`] expands the paths a user gives into image files; [`doctor`] checks a box before it
+//! is trusted.
 //!
 //! Cargo features: `cli` (the `cac-edge` binary's dependencies) and `tooling` (the
 //! [`tooling`] module: `eval` reports with plots, and `bench`), both on by default. An embedder
@@ -47,6 +48,7 @@ pub mod decide;
 pub mod doctor;
 pub mod encode;
 pub(crate) mod fsio;
+pub mod inputs;
 pub mod logits;
 mod pipeline;
 pub mod preprocess;

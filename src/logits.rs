@@ -19,14 +19,18 @@ const ROWS_PER_BLOCK: usize = 64;
 /// Logits of a batch: rows are images, columns classes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchLogits {
+    /// The original CLIP's logits, `[N, C]`.
     pub zero_shot: Array2<f32>,
+    /// The fine-tuned model's logits, `[N, C]`.
     pub fine_tuned: Array2<f32>,
 }
 
 /// Logit scales of the two models (CLIP's exp(logit_scale), usually 100).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LogitScales {
+    /// The original CLIP's scale.
     pub zero_shot: f32,
+    /// The fine-tuned model's scale.
     pub fine_tuned: f32,
 }
 

@@ -70,7 +70,8 @@ enum Command {
     /// Calibration report on a labeled image set: metrics, reliability diagrams, thresholds.
     #[cfg(feature = "tooling")]
     Eval(Box<cli_eval::EvalArgs>),
-    /// Measure latency and throughput of the encoder and the full pipeline.
+    /// Measure latency and throughput of the encoder and the full pipeline. The images are all
+    /// decoded once and kept in memory: a few dozen to a few hundred are enough.
     #[cfg(feature = "tooling")]
     Bench(cli_bench::BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.

@@ -22,7 +22,7 @@
 //! tensors within mean 0.023 and max 2 grey levels (`tests/preprocess.rs`).
 
 use std::cell::RefCell;
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use fast_image_resize::images::{Image as FirImage, ImageRef};
@@ -34,6 +34,7 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 /// written with open_clip's digits; they round to the f32 values torch's Normalize uses.
 #[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// OpenAI CLIP's per-channel (RGB) standard deviations; see [`OPENAI_CLIP_MEAN`].
 #[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
@@ -51,8 +52,11 @@ pub fn has_image_extension(path: &Path) -> bool {
 /// Parameters of the eval transform: square side S and per-channel normalisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessConfig {
+    /// S, in pixels: the side of the square the encoder takes; positive.
     pub image_size: u32,
+    /// Per-channel (RGB) mean subtracted after scaling to 0..1.
     pub mean: [f32; 3],
+    /// Per-channel (RGB) standard deviation divided by; finite and non-zero.
     pub std: [f32; 3],
 }
 
@@ -91,8 +95,11 @@ impl PreprocessConfig {
 /// non-RGB8 image afterwards needs another width × height × 3 bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
+    /// The widest image accepted, in pixels; default 16384.
     pub max_width: u32,
+    /// The tallest image accepted, in pixels; default 16384.
     pub max_height: u32,
+    /// The decoder's memory budget, and the largest file read, in bytes; default 1 GiB.
     pub max_alloc_bytes: u64,
 }
 
@@ -125,30 +132,88 @@ impl DecodeLimits {
 /// do; the caller adds the file path (or frame index).
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
+    /// The file could not be opened or read.
     #[error("cannot read the file: {0}; check that it exists and is readable")]
     Io(#[from] std::io::Error),
+    /// The file or buffer has 0 bytes.
     #[error("the file is empty (0 bytes); it was probably cut off while being written or copied: copy it again")]
     EmptyFile,
+    /// The content is not in an image format the decoders know.
     #[error("not an image: the content is none of JPEG, PNG, BMP, WebP, TIFF or GIF (the file name extension is ignored); convert it to JPEG or PNG")]
     UnknownFormat,
+    /// The format is known but this variant of it (pixel type, compression) is not supported.
     #[error("{0}; convert the image to 8-bit JPEG or PNG")]
     Unsupported(String),
+    /// The file is larger than the decode memory budget; refused before reading.
     #[error("the file is {bytes} bytes, more than the decode memory limit of {max_bytes}; downscale or recompress it, or raise the limit")]
-    FileTooLarge { bytes: u64, max_bytes: u64 },
+    FileTooLarge {
+        /// The file's size, in bytes.
+        bytes: u64,
+        /// The budget, in bytes.
+        max_bytes: u64,
+    },
+    /// The path is a directory, FIFO, socket or device, not a regular file.
+    #[error("not a regular file but a {kind}; only image files are read (a pipe or device could block or never end)")]
+    NotRegularFile {
+        /// What it is, in words ("directory", "FIFO (named pipe)", ...).
+        kind: &'static str,
+    },
+    /// Reading gave more bytes than the budget, though the reported size was within it.
+    #[error("reading the file gave more than the decode memory limit of {max_bytes} bytes (it grew while being read, or its reported size is wrong); stopped there")]
+    ReadTooLarge {
+        /// The budget, in bytes.
+        max_bytes: u64,
+    },
+    /// The data is corrupt or truncated.
     #[error("corrupt or truncated image: {0}; re-export or copy the file again")]
     Decode(String),
+    /// The header declares more pixels than [`DecodeLimits`] allows.
     #[error("the image declares {width} x {height} pixels, more than the allowed {max_width} x {max_height}; downscale it or raise the image size limit")]
-    TooLarge { width: u32, height: u32, max_width: u32, max_height: u32 },
+    TooLarge {
+        /// The declared width, in pixels.
+        width: u32,
+        /// The declared height, in pixels.
+        height: u32,
+        /// The allowed width, in pixels.
+        max_width: u32,
+        /// The allowed height, in pixels.
+        max_height: u32,
+    },
+    /// Decoding the declared size would need more memory than the budget.
     #[error("decoding this {width} x {height} image needs {needed_bytes} bytes, more than the allowed {max_bytes}; downscale it or raise the decode memory limit")]
-    TooMuchMemory { width: u32, height: u32, needed_bytes: u64, max_bytes: u64 },
+    TooMuchMemory {
+        /// The declared width, in pixels.
+        width: u32,
+        /// The declared height, in pixels.
+        height: u32,
+        /// The memory decoding needs, in bytes.
+        needed_bytes: u64,
+        /// The budget, in bytes.
+        max_bytes: u64,
+    },
+    /// The decoder itself stopped at the memory budget.
     #[error("the decoder ran past its memory limit ({0}); downscale the image or raise the decode memory limit")]
     LimitExceeded(String),
+    /// The image has a width or height of 0.
     #[error("the image is {width} x {height} pixels: it has no pixels to classify")]
-    EmptyImage { width: u32, height: u32 },
+    EmptyImage {
+        /// Its width, in pixels.
+        width: u32,
+        /// Its height, in pixels.
+        height: u32,
+    },
+    /// The output slice given to [`preprocess_into`] is not [`PreprocessConfig::tensor_len`] long.
     #[error("output slice holds {actual} floats but one image needs {expected} (3 x S x S); pass a slice of PreprocessConfig::tensor_len()")]
-    OutputLength { expected: usize, actual: usize },
+    OutputLength {
+        /// The floats one image needs (3 × S × S).
+        expected: usize,
+        /// The slice's length.
+        actual: usize,
+    },
+    /// The [`PreprocessConfig`] has a zero side, a non-finite mean or std, or a zero std.
     #[error("invalid preprocessing configuration: {0}")]
     InvalidConfig(String),
+    /// The resampler failed; a bug.
     #[error("resizing failed: {0}; this is a bug, please report it with the image size")]
     Resize(String),
 }
@@ -158,13 +223,67 @@ pub enum PreprocessError {
 /// Decodes an image file to 8-bit RGB. The format is taken from the content.
 ///
 /// The file is read whole (the JPEG decoder would buffer it anyway, and the truncation check
-/// below needs it); a file larger than the memory budget is refused before reading.
+/// below needs it); a file larger than the memory budget is refused before reading, and the
+/// bytes actually read are capped at the budget too (a file may grow, or report a size of 0).
+/// Only regular files are read: a FIFO, socket or device is refused (it could block forever or
+/// never end, like `/dev/zero`), and on Unix the file is opened non-blocking, so even a path
+/// swapped for a FIFO after the check cannot block the open.
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
-    let file_bytes = std::fs::metadata(path)?.len();
-    if file_bytes > limits.max_alloc_bytes {
-        return Err(PreprocessError::FileTooLarge { bytes: file_bytes, max_bytes: limits.max_alloc_bytes });
+    let kind = std::fs::metadata(path)?.file_type();
+    if !kind.is_file() {
+        return Err(PreprocessError::NotRegularFile { kind: file_kind(kind) });
     }
-    decode_bytes(&std::fs::read(path)?, limits)
+    let file = open_nonblocking(path)?;
+    // The handle's own metadata: the file that was actually opened.
+    let metadata = file.metadata()?;
+    if !metadata.file_type().is_file() {
+        return Err(PreprocessError::NotRegularFile { kind: file_kind(metadata.file_type()) });
+    }
+    let max_bytes = limits.max_alloc_bytes;
+    if metadata.len() > max_bytes {
+        return Err(PreprocessError::FileTooLarge { bytes: metadata.len(), max_bytes });
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(PreprocessError::ReadTooLarge { max_bytes });
+    }
+    decode_bytes(&bytes, limits)
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK does not change reads of a regular file.
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+#[cfg(unix)]
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    if kind.is_dir() { "directory" } else { "special file" }
 }
 
 /// Decodes an in-memory encoded image (JPEG, PNG, …) to 8-bit RGB.

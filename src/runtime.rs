@@ -18,8 +18,10 @@ pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 /// File name of the library on this platform.
 #[cfg(target_os = "macos")]
 pub const LIBRARY_FILE: &str = "libonnxruntime.dylib";
+/// File name of the library on this platform.
 #[cfg(target_os = "windows")]
 pub const LIBRARY_FILE: &str = "onnxruntime.dll";
+/// File name of the library on this platform.
 #[cfg(not(any(target_os = "macos", target_os = "windows")))]
 pub const LIBRARY_FILE: &str = "libonnxruntime.so";
 
@@ -218,6 +220,7 @@ impl Runtime {
         Ok(runtime)
     }
 
+    /// The shared library this process loaded.
     pub fn library_path(&self) -> &Path {
         &self.library_path
     }

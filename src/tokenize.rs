@@ -46,14 +46,31 @@ pub const END_OF_TEXT: i64 = 49407;
 const START_OF_TEXT_TOKEN: &str = "<|startoftext|>";
 const END_OF_TEXT_TOKEN: &str = "<|endoftext|>";
 
+/// Why a tokenizer could not be loaded or a text tokenized.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
+    /// The tokenizer file is unreadable, invalid, or not a CLIP vocabulary.
     #[error("cannot load tokenizer {path}: {message}")]
-    Load { path: PathBuf, message: String },
+    Load {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The context length asked for is 0.
     #[error("context length must be at least 1, got {context_length}")]
-    ContextLength { context_length: usize },
+    ContextLength {
+        /// The length asked for.
+        context_length: usize,
+    },
+    /// The BPE tokenizer failed on a text.
     #[error("cannot tokenize {text:?}: {message}")]
-    Encode { text: String, message: String },
+    Encode {
+        /// The text.
+        text: String,
+        /// The tokenizer's message.
+        message: String,
+    },
 }
 
 /// open_clip-compatible CLIP tokenizer with a fixed context length.
@@ -95,6 +112,7 @@ impl ClipTokenizer {
         })
     }
 
+    /// L: the number of ids every encoded text has.
     pub fn context_length(&self) -> usize {
         self.context_length
     }

@@ -19,7 +19,7 @@
 //!   calls: `decode` ([`decode_file`]), `preprocess` (a zeroed batch tensor filled by
 //!   [`preprocess_into`]), `logits` ([`Classifier::logits_of_embeddings`] on the batch's
 //!   embeddings) and `calibrate.<method>` (per image: [`Classifier::predict`], what the pipeline
-//!   does to turn a logit row into a [`crate::pipeline::Prediction`]: calibrate, top k, decide).
+//!   does to turn a logit row into a [`crate::Prediction`]: calibrate, top k, decide).
 //!
 //! Rounds: every round runs every variant once over the whole image list (cycled to a multiple of
 //! B), the variants round-robin with the starting one rotated each round, so that drift on a
@@ -56,10 +56,13 @@ pub const CALIBRATIONS: [&str; 4] = ["none", "cac", "dac", "ts"];
 /// The calibrations also timed streaming (indices into [`CALIBRATIONS`]): none and cac.
 const STREAMED: [usize; 2] = [0, 1];
 
+/// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// Opening a classifier or running the pipeline failed.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// The options or the images leave nothing to measure (no images, a batch size of 0, ...).
     #[error("{0}")]
     Setup(String),
 }
@@ -95,54 +98,78 @@ impl Default for BenchOptions {
 /// Everything one benchmark run measured, with what it ran on.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// Always "cac-edge".
     pub tool: &'static str,
+    /// The cac-edge version that ran it.
     pub tool_version: &'static str,
+    /// The machine and ONNX Runtime it ran on.
     pub machine: MachineInfo,
+    /// The bundle benchmarked.
     pub bundle: BundleInfo,
+    /// The text-feature cache used.
     pub cache: CacheInfo,
+    /// The images given, used and skipped.
     pub images: ImageSetInfo,
+    /// The batch sizes, rounds and threads it ran with.
     pub settings: BenchSettings,
     /// The calibrations timed, as resolved (method and parameters).
     pub calibrations: Vec<Calibration>,
     /// Where TS's temperature came from: "cache" (fitted by `eval`), "bundle" or "fixed"
     /// ([`DEFAULT_TS_TEMPERATURE`]).
     pub ts_temperature_source: &'static str,
+    /// One result per batch size, in the order given.
     pub results: Vec<BatchResult>,
 }
 
+/// The machine a benchmark ran on.
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineInfo {
     /// From /proc/cpuinfo ("model name", else "Hardware"/"Model"), else the device tree.
     pub cpu_model: Option<String>,
     /// Logical CPUs available to this process.
     pub logical_cores: usize,
+    /// CPU architecture, as Rust names it (`x86_64`, `aarch64`, ...).
     pub arch: &'static str,
+    /// Operating system, as Rust names it (`linux`, `macos`, ...).
     pub os: &'static str,
+    /// The ONNX Runtime library's version, when it reports one.
     pub onnxruntime_version: Option<String>,
+    /// The ONNX Runtime library loaded.
     pub onnxruntime_library: String,
     /// Execution provider of the image encoder: cpu, cuda or tensorrt.
     pub device: &'static str,
+    /// Why `auto` fell back from a GPU provider, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_note: Option<String>,
 }
 
+/// The bundle a benchmark ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct BundleInfo {
+    /// The bundle directory.
     pub dir: String,
+    /// The manifest's `name`.
     pub name: String,
+    /// S: the encoder's input side, in pixels.
     pub image_size: u32,
+    /// D: the embedding width.
     pub embed_dim: usize,
     /// The bundle has its own fine-tuned image encoder (two encoder runs per batch).
     pub fine_tuned_image_encoder: bool,
 }
 
+/// The text-feature cache a benchmark used.
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheInfo {
+    /// The cache file.
     pub path: String,
+    /// Number of classes (C).
     pub classes: usize,
+    /// How many of them are base classes.
     pub base_classes: usize,
 }
 
+/// The images a benchmark ran on.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageSetInfo {
     /// Image files given (after expanding folders).
@@ -155,16 +182,23 @@ pub struct ImageSetInfo {
     pub mean_pixels: f64,
 }
 
+/// An image left out of the benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct SkippedImage {
+    /// The file.
     pub path: String,
+    /// Why it could not be decoded.
     pub error: String,
 }
 
+/// The settings a benchmark ran with.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchSettings {
+    /// Images per encoder run, one result each.
     pub batch_sizes: Vec<usize>,
+    /// Measured rounds.
     pub rounds: usize,
+    /// Rounds run first and discarded.
     pub warmup_rounds: usize,
     /// Intra-op threads; `None`: ONNX Runtime's default.
     pub threads: Option<usize>,
@@ -175,9 +209,13 @@ pub struct BenchSettings {
 pub struct Timing {
     /// Number of batches timed (each gives one per-image latency: batch time ÷ B).
     pub samples: usize,
+    /// Median, in seconds.
     pub median_s: f64,
+    /// 90th percentile, in seconds.
     pub p90_s: f64,
+    /// Mean, in seconds.
     pub mean_s: f64,
+    /// Minimum, in seconds.
     pub min_s: f64,
     /// 1 / median_s.
     pub images_per_s: f64,
@@ -186,9 +224,13 @@ pub struct Timing {
 /// The full pipeline under each calibration.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineTimings {
+    /// Uncalibrated: (b).
     pub none: Timing,
+    /// CAC: (c).
     pub cac: Timing,
+    /// DAC: (d).
     pub dac: Timing,
+    /// Temperature scaling: (d).
     pub ts: Timing,
 }
 
@@ -197,25 +239,35 @@ pub struct PipelineTimings {
 /// One sample per round (pass time ÷ images); its `images_per_s` is the throughput.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamTimings {
+    /// Uncalibrated.
     pub none: Timing,
+    /// CAC.
     pub cac: Timing,
 }
 
 /// Calibration (with top-k and the decision) per image, per method.
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrateTimings {
+    /// Uncalibrated.
     pub none: Timing,
+    /// CAC.
     pub cac: Timing,
+    /// DAC.
     pub dac: Timing,
+    /// Temperature scaling.
     pub ts: Timing,
 }
 
 /// The non-encoder stages, each timed in isolation, per image.
 #[derive(Debug, Clone, Serialize)]
 pub struct Breakdown {
+    /// Decoding an image file to RGB.
     pub decode: Timing,
+    /// Resizing, cropping and normalising into the batch tensor.
     pub preprocess: Timing,
+    /// Logits from the batch's embeddings.
     pub logits: Timing,
+    /// Calibration, top k and the decision, per method.
     pub calibrate: CalibrateTimings,
 }
 
@@ -229,12 +281,16 @@ pub struct Ratios {
     /// 1 + (calibrate.cac − calibrate.none) / (b): the same overhead from the isolated
     /// calibration stage, far less exposed to machine noise than two end-to-end medians.
     pub cac_over_none_from_stages: f64,
+    /// pipeline.dac / (b): DAC's overhead on the full pipeline.
     pub dac_over_none: f64,
+    /// pipeline.ts / (b): temperature scaling's overhead on the full pipeline.
     pub ts_over_none: f64,
 }
 
+/// Everything measured at one batch size.
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchResult {
+    /// B: images per encoder run.
     pub batch_size: usize,
     /// Batches per round (the image list cycled to a multiple of the batch size).
     pub batches_per_round: usize,
@@ -244,11 +300,13 @@ pub struct BatchResult {
     pub pipeline: PipelineTimings,
     /// Throughput of `classify` over many files: none and cac.
     pub stream: StreamTimings,
+    /// The non-encoder stages in isolation.
     pub breakdown: Breakdown,
     /// decode + preprocess + logits + calibrate.cac medians: the non-encoder time of a CAC image.
     pub non_encoder_per_image_s: f64,
     /// median pipeline.cac − median encoder: the same, seen from the end-to-end numbers.
     pub pipeline_minus_encoder_s: f64,
+    /// Ratios of this batch size's medians.
     pub ratios: Ratios,
     /// With [`BenchOptions::keep_samples`]: every per-image latency (seconds) of the measured
     /// rounds by variant name ("encoder", "pipeline.none", "stream.cac", "decode", "calibrate.ts"…).

@@ -8,21 +8,49 @@ use std::path::{Path, PathBuf};
 
 use crate::preprocess::has_image_extension;
 
+/// Why a labeled image set could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
+    /// A folder or the CSV could not be read.
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The folder or file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A CSV record is malformed.
     #[error("{path}:{line}: {message}")]
-    Csv { path: PathBuf, line: u64, message: String },
+    Csv {
+        /// The CSV file.
+        path: PathBuf,
+        /// The row (1-based).
+        line: u64,
+        /// What is wrong.
+        message: String,
+    },
+    /// A folder name or CSV label is not a class of the cache.
     #[error("{path}: the label '{label}' is not a class of the cache; {fix}")]
-    UnknownLabel { path: PathBuf, label: String, fix: String },
+    UnknownLabel {
+        /// The class folder, or the CSV file.
+        path: PathBuf,
+        /// The label.
+        label: String,
+        /// What to do about it.
+        fix: String,
+    },
+    /// The set holds no images.
     #[error("{path}: no labeled images found; give a folder with one sub-folder of images per class, or a CSV of path,label")]
-    Empty { path: PathBuf },
+    Empty {
+        /// The folder or CSV given.
+        path: PathBuf,
+    },
 }
 
 /// One image and its true class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabeledImage {
+    /// The image file.
     pub path: PathBuf,
     /// Index into the cache's class list.
     pub class: usize,
@@ -31,7 +59,9 @@ pub struct LabeledImage {
 /// Images with labels, in a stable order (CSV order, or sorted folders and files).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabeledSet {
+    /// The folder or CSV it was read from.
     pub source: PathBuf,
+    /// The images, in order; never empty.
     pub images: Vec<LabeledImage>,
 }
 
@@ -45,6 +75,7 @@ impl LabeledSet {
         Ok(LabeledSet { source: source.to_path_buf(), images })
     }
 
+    /// The image files, in order.
     pub fn paths(&self) -> Vec<PathBuf> {
         self.images.iter().map(|image| image.path.clone()).collect()
     }

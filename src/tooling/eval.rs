@@ -15,12 +15,16 @@ use crate::calibrate::{logit_contrast, probability_contrast};
 use crate::tooling::metrics::{self, ReliabilityBin, RiskCoveragePoint};
 use crate::pipeline::row_slice;
 
+/// Why an evaluation or a fit could not be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    /// An image's logits could not be calibrated.
     #[error(transparent)]
     Calibration(#[from] CalibrationError),
+    /// A metric's inputs are inconsistent.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    /// Logits, labels and classes disagree in size, or a fit has no images.
     #[error("{0}")]
     Input(String),
 }
@@ -28,12 +32,15 @@ pub enum EvalError {
 /// Logits of the evaluated images (rows) over all classes of the cache (columns).
 #[derive(Debug, Clone, Copy)]
 pub struct EvalData<'a> {
+    /// The original CLIP's logits, `[N, C]`.
     pub zero_shot: ArrayView2<'a, f32>,
+    /// The fine-tuned model's logits, `[N, C]`.
     pub fine_tuned: ArrayView2<'a, f32>,
     /// True class of each row.
     pub labels: &'a [usize],
     /// Per class: trained on (base) or added by name (new).
     pub class_is_base: &'a [bool],
+    /// DAC's factor r(c) per class, from the cache.
     pub dac_factors: &'a [f32],
 }
 
@@ -59,14 +66,19 @@ impl EvalData<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// Images of classes the fine-tuned model was trained on.
     Base,
+    /// Images of classes added by name only.
     New,
+    /// Every image.
     All,
 }
 
 impl Split {
+    /// Every split, in report order.
     pub const ALL: [Split; 3] = [Split::Base, Split::New, Split::All];
 
+    /// `"base"`, `"new"` or `"all"`.
     pub fn name(self) -> &'static str {
         match self {
             Split::Base => "base",
@@ -87,8 +99,11 @@ impl Split {
 /// A calibration under evaluation, with a name for tables and where its parameters came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Calibrator {
+    /// Its name in tables ("none", "ts", "cac-paper", "cac-fit", ...).
     pub name: String,
+    /// The calibration evaluated.
     pub calibration: Calibration,
+    /// Where its parameters came from, in words.
     pub origin: String,
 }
 
@@ -117,16 +132,23 @@ fn calibrated_outputs(calibration: &Calibration, data: &EvalData<'_>) -> Result<
 /// The numbers of one calibrator on one split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SplitReport {
+    /// Which images.
     pub split: Split,
+    /// How many images.
     pub images: usize,
+    /// Top-1 accuracy, in percent.
     pub accuracy_percent: f64,
+    /// Expected calibration error over equal-width bins, in percent.
     pub ece_percent: f64,
+    /// Adaptive calibration error (ECE over equal-mass bins), in percent.
     pub ace_percent: f64,
+    /// Maximum calibration error over the equal-width bins, in percent.
     pub mce_percent: f64,
     /// Mean negative log-likelihood of the true class, in nats.
     pub nll: f64,
     /// Mean over images of Σ_c (p_c − 1[c = y])².
     pub brier: f64,
+    /// Area under the risk–coverage curve, in percent; lower is better.
     pub aurc_percent: f64,
     /// Equal-width bins, as fractions.
     pub reliability: Vec<ReliabilityBin>,
@@ -139,14 +161,17 @@ pub struct SplitReport {
 /// Every split of one calibrator.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CalibratorReport {
+    /// The calibrator evaluated.
     #[serde(flatten)]
     pub calibrator: Calibrator,
     /// Harmonic mean of base and new accuracy (0 when either split is empty).
     pub harmonic_mean_accuracy_percent: f64,
+    /// One report per non-empty split, in [`Split::ALL`] order.
     pub splits: Vec<SplitReport>,
 }
 
 impl CalibratorReport {
+    /// The report of `split`; `None` when it has no images.
     pub fn split(&self, split: Split) -> Option<&SplitReport> {
         self.splits.iter().find(|report| report.split == split)
     }
@@ -165,9 +190,13 @@ pub enum ThresholdTarget {
 /// A threshold and what it keeps: accept when confidence ≥ `threshold`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ThresholdChoice {
+    /// The confidence threshold, 0..=1.
     pub threshold: f64,
+    /// Predictions accepted, in percent of the images.
     pub coverage_percent: f64,
+    /// Accuracy among the accepted predictions, in percent.
     pub precision_percent: f64,
+    /// Number of predictions accepted.
     pub accepted: usize,
 }
 
@@ -278,8 +307,11 @@ pub fn select_threshold(confidences: &[f64], correct: &[bool], target: Threshold
 /// A fitted temperature and the NLL it reaches on the fitting images.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct TemperatureFit {
+    /// T, within [0.01, 100].
     pub temperature: f64,
+    /// Mean NLL at T = 1, in nats.
     pub nll_before: f64,
+    /// Mean NLL at the fitted T, in nats.
     pub nll_after: f64,
 }
 
@@ -338,7 +370,9 @@ fn mean_nll(fine_tuned: ArrayView2<'_, f32>, labels: &[usize], weights: impl Ite
 /// CAC parameters fitted on base validation images, and the NLL they reach there.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct CacFit {
+    /// The best parameters found (the starting ones if none does better).
     pub params: CacParams,
+    /// Their mean NLL, in nats.
     pub nll: f64,
     /// NLL of the starting parameters on the same images.
     pub nll_start: f64,

@@ -10,57 +10,90 @@ use serde::Serialize;
 use crate::tooling::eval::{CacFit, CalibratorReport, Split, TemperatureFit, ThresholdTarget};
 use crate::tooling::plots::{self, ReliabilityPanel};
 
+/// Why a report could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
+    /// The report folder or a file in it could not be created or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The folder or file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A plot could not be drawn or written.
     #[error(transparent)]
     Plot(#[from] plots::PlotError),
+    /// The report could not be serialised to JSON.
     #[error("serialising the report: {0}")]
     Json(#[from] serde_json::Error),
 }
 
+/// An image left out of the evaluation.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailedImage {
+    /// The file.
     pub path: String,
+    /// Why it could not be classified.
     pub error: String,
 }
 
+/// The labeled images evaluated.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageSetSummary {
+    /// The folder or CSV they were read from.
     pub source: String,
+    /// Images listed.
     pub total: usize,
+    /// Images classified and counted.
     pub evaluated: usize,
+    /// Evaluated images of base classes.
     pub base: usize,
+    /// Evaluated images of new classes.
     pub new: usize,
+    /// Images that could not be classified, with why.
     pub failures: Vec<FailedImage>,
 }
 
+/// What was fitted on the fitting set's base-class images.
 #[derive(Debug, Clone, Serialize)]
 pub struct FitSummary {
+    /// The folder or CSV of the fitting set.
     pub source: String,
     /// Base-class images fitted on.
     pub base_images: usize,
     /// Images of new classes in the fitting set, left out (calibration is never fitted on them).
     pub skipped_new_images: usize,
+    /// The fitted TS temperature.
     pub temperature: Option<TemperatureFit>,
+    /// The fitted CAC parameters, when asked for.
     pub cac: Option<CacFit>,
 }
 
+/// Everything an `eval` run found: `report.json` as a value.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// The cac-edge version that ran it.
     pub cac_edge_version: String,
+    /// The bundle directory.
     pub bundle: String,
+    /// The cache file.
     pub cache: String,
+    /// The images evaluated.
     pub images: ImageSetSummary,
+    /// Number of reliability bins.
     pub bins: usize,
+    /// What the suggested thresholds must achieve.
     pub target: ThresholdTarget,
+    /// What was fitted, when a fitting set was given.
     pub fit: Option<FitSummary>,
     /// The calibrator `classify` uses with these options (after writing a fitted temperature).
     pub default_calibrator: String,
+    /// Remarks for the reader (a calibrator not evaluated, a threshold not reached).
     pub notes: Vec<String>,
     /// What was stored in the cache's metadata.
     pub written: Vec<String>,
+    /// Every calibrator's numbers.
     pub calibrators: Vec<CalibratorReport>,
 }
 

@@ -22,12 +22,25 @@ const ZERO_SHOT: &str = "image_zs";
 const FINE_TUNED: &str = "image_ft";
 const ENCODED: &str = "encoded";
 
+/// Why a feature store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureStoreError {
+    /// The store file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The store file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid store, or a damaged one; deleting it is the fix.
     #[error("{path}: not a valid image-feature store ({message}); delete it and run eval again")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The store file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Embeddings of the images of a set that could be encoded, and why the others could not.

@@ -13,7 +13,9 @@
 pub struct ReliabilityBin {
     /// Bin edges: the bin holds confidences in (lower, upper] (the first bin also holds 0).
     pub lower: f64,
+    /// Upper bin edge (inclusive).
     pub upper: f64,
+    /// Predictions in the bin.
     pub count: usize,
     /// Mean confidence of the predictions in the bin.
     pub mean_confidence: f64,
@@ -24,6 +26,7 @@ pub struct ReliabilityBin {
 /// One point of a risk–coverage curve: keep the predictions with confidence ≥ `threshold`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct RiskCoveragePoint {
+    /// The confidence threshold.
     pub threshold: f64,
     /// Fraction of predictions kept.
     pub coverage: f64,
@@ -34,18 +37,45 @@ pub struct RiskCoveragePoint {
 /// Invalid input to a metric. Metrics never panic on bad input; they return one of these.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MetricsError {
+    /// There are no samples.
     #[error("no predictions to evaluate")]
     Empty,
+    /// Two inputs that must be of one length are not.
     #[error("length mismatch: {what} has {found} entries, expected {expected}")]
-    LengthMismatch { what: &'static str, expected: usize, found: usize },
+    LengthMismatch {
+        /// The input that is off.
+        what: &'static str,
+        /// The length it should have.
+        expected: usize,
+        /// The length it has.
+        found: usize,
+    },
+    /// A table of 0 bins was asked for.
     #[error("the number of bins must be at least 1")]
     ZeroBins,
+    /// Probabilities over 0 classes were given.
     #[error("the number of classes must be at least 1")]
     ZeroClasses,
+    /// A label is not a class index.
     #[error("label {label} (sample {index}) is not below the number of classes ({classes})")]
-    LabelOutOfRange { index: usize, label: usize, classes: usize },
+    LabelOutOfRange {
+        /// The sample.
+        index: usize,
+        /// Its label.
+        label: usize,
+        /// The number of classes.
+        classes: usize,
+    },
+    /// A confidence or probability is NaN, infinite or outside [0, 1].
     #[error("{what} {value} at index {index} is not a finite number in [0, 1]")]
-    OutOfUnitInterval { what: &'static str, index: usize, value: f64 },
+    OutOfUnitInterval {
+        /// Which input ("confidence", "probability", ...).
+        what: &'static str,
+        /// Its index in that input.
+        index: usize,
+        /// The value.
+        value: f64,
+    },
 }
 
 impl ReliabilityBin {

@@ -25,20 +25,55 @@ use plotters::style::FontStyle;
 
 use crate::tooling::metrics::{ReliabilityBin, RiskCoveragePoint};
 
+/// Why a plot could not be drawn or written.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
+    /// The output directory does not exist.
     #[error("{path}: cannot write the plot: directory {dir} does not exist (create the output directory first)")]
-    MissingDirectory { path: PathBuf, dir: PathBuf },
+    MissingDirectory {
+        /// The plot file.
+        path: PathBuf,
+        /// The missing directory.
+        dir: PathBuf,
+    },
+    /// A plot file could not be written.
     #[error("{path}: cannot write the plot: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        /// The plot file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Plotters failed while drawing.
     #[error("{path}: drawing the plot failed: {message}")]
-    Draw { path: PathBuf, message: String },
+    Draw {
+        /// The plot file.
+        path: PathBuf,
+        /// Plotters' message.
+        message: String,
+    },
+    /// The PNG encoder failed.
     #[error("{path}: encoding the PNG failed: {source}")]
-    Encode { path: PathBuf, source: image::ImageError },
+    Encode {
+        /// The PNG file.
+        path: PathBuf,
+        /// Why.
+        source: image::ImageError,
+    },
+    /// The data cannot be plotted (no panels or points, a grid too small or too large).
     #[error("{path}: cannot plot: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The plot file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The embedded font could not be loaded.
     #[error("{path}: the embedded plot font could not be loaded")]
-    Font { path: PathBuf },
+    Font {
+        /// The plot file.
+        path: PathBuf,
+    },
 }
 
 /// One reliability diagram of a [`reliability_grid`].
@@ -48,7 +83,9 @@ pub struct ReliabilityPanel<'a> {
     pub title: &'a str,
     /// Equal-width bins (empty bins, `count == 0`, are drawn as nothing).
     pub bins: &'a [ReliabilityBin],
+    /// The ECE shown in the title, in percent.
     pub ece_percent: f64,
+    /// The sample count shown in the title.
     pub samples: usize,
 }
 
