@@ -458,7 +458,7 @@ pub struct CacheContents<'a> {
 }
 
 /// Writes a cache atomically and durably: a temporary file in the same directory, fsynced and
-/// renamed over `path` (see [`crate::fsio`]).
+/// renamed over `path`.
 pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), CacheError> {
     let classes = contents.classes.names.len();
     let dim = contents.stacked_text.ncols();
@@ -498,16 +498,13 @@ pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), Cach
     write_safetensors(path, tensors, metadata)
 }
 
-/// Writes a safetensors file atomically and durably (see [`crate::fsio`]).
+/// Writes a safetensors file atomically and durably (see `fsio`).
 fn write_safetensors<'a>(
     path: &Path,
-    tensors: impl IntoIterator<Item = (impl AsRef<str> + Ord + std::fmt::Display, TensorView<'a>)>,
+    tensors: impl IntoIterator<Item = (impl AsRef<str> + Ord, TensorView<'a>)>,
     metadata: HashMap<String, String>,
 ) -> Result<(), CacheError> {
-    crate::fsio::write_atomic(path, |temporary| {
-        safetensors::serialize_to_file(tensors, Some(metadata), temporary).map_err(|error| std::io::Error::other(error.to_string()))
-    })
-    .map_err(|source| CacheError::Write { path: path.to_path_buf(), source })
+    crate::fsio::write_safetensors(path, tensors, metadata).map_err(|source| CacheError::Write { path: path.to_path_buf(), source })
 }
 
 /// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold);

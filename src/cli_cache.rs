@@ -20,8 +20,8 @@ pub(crate) enum CacheCommand {
     Build(CacheBuildArgs),
     /// Print what a cache holds: its metadata and class list.
     Info {
-        /// The cache file.
-        #[arg(long, value_name = "FILE")]
+        /// The cache file to describe.
+        #[arg(long, value_name = "FILE", help_heading = MODEL)]
         cache: PathBuf,
     },
 }

@@ -72,7 +72,7 @@ impl std::fmt::Debug for Encoder {
 }
 
 impl Encoder {
-    /// Opens an image encoder: `pixel_values` f32 [N,3,S,S] → `image_embeds` f32 [N,D].
+    /// Opens an image encoder: `pixel_values` f32 `[N,3,S,S]` → `image_embeds` f32 `[N,D]`.
     pub fn open_image(
         runtime: &Runtime,
         path: &Path,
@@ -91,7 +91,7 @@ impl Encoder {
         Self::open(runtime, path, options, contract)
     }
 
-    /// Opens a text encoder: `input_ids` i64 [N,L] → `text_embeds` f32 [N,D].
+    /// Opens a text encoder: `input_ids` i64 `[N,L]` → `text_embeds` f32 `[N,D]`.
     pub fn open_text(
         runtime: &Runtime,
         path: &Path,

@@ -76,7 +76,8 @@ enum Command {
     Bench(cli_bench::BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions {
-        /// The shell.
+        /// The shell to complete for: bash, zsh, fish, elvish or powershell.
+        #[arg(help_heading = "Output")]
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff) on stdout: `cac-edge man > cac-edge.1`.
@@ -123,5 +124,33 @@ fn run(command: Command) -> Result<ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut page)?;
             cli_output::print_stdout(&String::from_utf8_lossy(&page)).map(|()| ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of every command says what it does and sits under a heading.
+    #[test]
+    fn every_argument_has_help_and_a_heading() {
+        let command = Cli::command();
+        command.clone().debug_assert();
+        let mut unhelpful = Vec::new();
+        let mut commands = vec![command];
+        while let Some(command) = commands.pop() {
+            for argument in command.get_arguments() {
+                let id = argument.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let described = argument.get_help().is_some_and(|help| help.to_string().len() > 10);
+                if !described || argument.get_help_heading().is_none() {
+                    unhelpful.push(format!("{} {id}", command.get_name()));
+                }
+            }
+            commands.extend(command.get_subcommands().cloned());
+        }
+        assert!(unhelpful.is_empty(), "arguments without help or heading: {unhelpful:?}");
     }
 }

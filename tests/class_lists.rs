@@ -26,11 +26,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn cache_build(classes: &Path, base: &Path, output: &Path) -> Output {
-    cac_edge(&[
-        "cache", "build", "--bundle", bundle_dir().to_str().unwrap(),
-        "--classes", classes.to_str().unwrap(), "--base", base.to_str().unwrap(),
-        "--output", output.to_str().unwrap(), "--device", "cpu", "--threads", "1",
-    ])
+    cache_build_cli(&bundle_dir(), classes, base, output)
 }
 
 /// `cache info`'s `key: value` line for `key`.

@@ -4,29 +4,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Output;
-
 use common::*;
 use serde_json::Value;
-
-fn build_cache_cli(dir: &Path) -> String {
-    let cache = dir.join("cache.safetensors");
-    let output = cac_edge(&[
-        "cache", "build",
-        "--bundle", bundle_dir().to_str().unwrap(),
-        "--classes", fixture("classes.txt").to_str().unwrap(),
-        "--base", fixture("base.txt").to_str().unwrap(),
-        "--output", cache.to_str().unwrap(),
-        "--device", "cpu",
-    ]);
-    assert!(output.status.success(), "cache build failed: {}", text(&output.stderr));
-    cache.to_str().unwrap().to_string()
-}
-
-fn json_lines(output: &Output) -> Vec<Value> {
-    text(&output.stdout).lines().map(|line| serde_json::from_str(line).expect("one JSON object per line")).collect()
-}
 
 #[test]
 fn classify_reports_every_image_and_keeps_going_past_bad_ones() {

@@ -14,13 +14,7 @@ fn demo() -> PathBuf {
 }
 
 fn build_cache(bundle: &Path, classes: &Path, base: &Path, output: &Path) {
-    let result = cac_edge(&[
-        "cache", "build", "--device", "cpu",
-        "--bundle", bundle.to_str().unwrap(),
-        "--classes", classes.to_str().unwrap(),
-        "--base", base.to_str().unwrap(),
-        "--output", output.to_str().unwrap(),
-    ]);
+    let result = cache_build_cli(bundle, classes, base, output);
     assert!(result.status.success(), "cache build: {}", text(&result.stderr));
 }
 

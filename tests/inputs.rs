@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use cac_edge::inputs::{scan, ScanOptions, SkipReason};
@@ -17,65 +16,16 @@ use cac_edge::preprocess::{decode_file, DecodeLimits};
 use common::*;
 use serde_json::Value;
 
-/// Generous for a debug build on a slow box; the runs it guards take a few seconds.
-const TIME_LIMIT: Duration = Duration::from_secs(90);
-
-/// Runs the binary, killing it (and failing the test) if it runs past `TIME_LIMIT`.
-fn run_bounded(args: &[&str]) -> Output {
-    let mut child = command()
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cac-edge");
-    let pipe = |mut reader: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = reader.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = pipe(Box::new(child.stdout.take().unwrap()));
-    let stderr = pipe(Box::new(child.stderr.take().unwrap()));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > TIME_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("cac-edge {args:?} did not finish within {TIME_LIMIT:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
-}
-
-fn build_cache(dir: &Path) -> String {
-    let cache = dir.join("cache.safetensors");
-    let output = run_bounded(&[
-        "cache", "build",
-        "--bundle", bundle_dir().to_str().unwrap(),
-        "--classes", fixture("classes.txt").to_str().unwrap(),
-        "--base", fixture("base.txt").to_str().unwrap(),
-        "--output", cache.to_str().unwrap(),
-        "--device", "cpu",
-    ]);
-    assert!(output.status.success(), "cache build failed: {}", text(&output.stderr));
-    cache.to_str().unwrap().to_string()
+/// Runs the binary with a time limit.
+fn run_bounded_args(args: &[&str]) -> Output {
+    run_bounded(command().args(args))
 }
 
 fn classify(cache: &str, extra: &[&str]) -> Output {
     let bundle = bundle_dir();
     let mut args = vec!["classify", "--bundle", bundle.to_str().unwrap(), "--cache", cache, "--device", "cpu", "--threads", "1"];
     args.extend(extra);
-    run_bounded(&args)
-}
-
-fn json_lines(output: &Output) -> Vec<Value> {
-    text(&output.stdout).lines().map(|line| serde_json::from_str(line).expect("one JSON object per line")).collect()
+    run_bounded_args(&args)
 }
 
 fn paths_of(lines: &[Value]) -> Vec<String> {
@@ -106,7 +56,7 @@ fn s(path: &Path) -> &str {
 #[test]
 fn a_link_to_its_own_folder_is_not_followed_and_each_image_is_classified_once() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = build_cache(dir.path());
+    let cache = build_cache_cli(dir.path());
     let images = image_folder(dir.path());
     symlink(".", images.join("self")).unwrap();
     symlink(".", images.join("again")).unwrap(); // two such links used to never finish
@@ -139,7 +89,7 @@ fn a_link_to_its_own_folder_is_not_followed_and_each_image_is_classified_once() 
 #[test]
 fn follow_reaches_linked_folders_once_and_files_reached_twice_are_classified_once() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = build_cache(dir.path());
+    let cache = build_cache_cli(dir.path());
     let images = image_folder(dir.path());
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
@@ -177,7 +127,7 @@ fn follow_reaches_linked_folders_once_and_files_reached_twice_are_classified_onc
 #[test]
 fn a_fifo_in_a_folder_is_skipped_with_a_note_and_never_opened() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = build_cache(dir.path());
+    let cache = build_cache_cli(dir.path());
     let images = image_folder(dir.path());
     let fifo = images.join("live.jpg");
     mkfifo(&fifo);
@@ -192,7 +142,7 @@ fn a_fifo_in_a_folder_is_skipped_with_a_note_and_never_opened() {
 #[test]
 fn an_explicit_fifo_is_refused_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = build_cache(dir.path());
+    let cache = build_cache_cli(dir.path());
     let fifo = dir.path().join("camera.jpg");
     mkfifo(&fifo);
     let photo = fixture("images/photos/chelsea.png");
@@ -211,7 +161,7 @@ fn an_explicit_fifo_is_refused_without_blocking() {
 #[test]
 fn dev_zero_given_explicitly_fails_fast_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = build_cache(dir.path());
+    let cache = build_cache_cli(dir.path());
     let start = Instant::now();
     let output = classify(&cache, &["/dev/zero"]);
     let stderr = text(&output.stderr);

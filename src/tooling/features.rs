@@ -155,10 +155,7 @@ pub fn save(path: &Path, features: &StoredFeatures) -> Result<(), FeatureStoreEr
         ("format_version".to_string(), STORE_FORMAT_VERSION.to_string()),
         ("failures".to_string(), failures),
     ]);
-    crate::fsio::write_atomic(path, |temporary| {
-        safetensors::serialize_to_file(tensors, Some(metadata), temporary).map_err(|error| std::io::Error::other(error.to_string()))
-    })
-    .map_err(io_error)
+    crate::fsio::write_safetensors(path, tensors, metadata).map_err(io_error)
 }
 
 /// Reads a store written by [`save`]; `Ok(None)` when there is none yet.

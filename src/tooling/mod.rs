@@ -3,7 +3,7 @@
 //!
 //! `eval`: [`dataset`] (labeled sets) → [`features`] (image embeddings stored beside the cache)
 //! → [`eval`] (calibrators, fitting, thresholds, using [`metrics`]) → [`eval_report`] (JSON,
-//! Markdown and [`plots`]). [`bench`] measures the speed of each stage.
+//! Markdown and [`plots`]). [`bench`](mod@bench) measures the speed of each stage.
 
 pub mod bench;
 pub mod dataset;

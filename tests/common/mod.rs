@@ -2,8 +2,10 @@
 //! a text-feature cache built from the committed test bundle.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use cac_edge::bundle::Bundle;
 use cac_edge::cache::{build_cache, ClassList};
@@ -119,4 +121,58 @@ pub fn cac_edge(args: &[&str]) -> Output {
 
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `cac-edge cache build` of `bundle` and a class list into `output`, on the CPU.
+pub fn cache_build_cli(bundle: &Path, classes: &Path, base: &Path, output: &Path) -> Output {
+    cac_edge(&[
+        "cache", "build", "--device", "cpu", "--threads", "1",
+        "--bundle", bundle.to_str().unwrap(),
+        "--classes", classes.to_str().unwrap(),
+        "--base", base.to_str().unwrap(),
+        "--output", output.to_str().unwrap(),
+    ])
+}
+
+/// The test bundle's cache for the fixture class list, built by the binary in `dir`.
+pub fn build_cache_cli(dir: &Path) -> String {
+    let cache = dir.join("cache.safetensors");
+    let output = cache_build_cli(&bundle_dir(), &fixture("classes.txt"), &fixture("base.txt"), &cache);
+    assert!(output.status.success(), "cache build failed: {}", text(&output.stderr));
+    cache.to_str().unwrap().to_string()
+}
+
+/// Each stdout line of a run as JSON.
+pub fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    text(&output.stdout).lines().map(|line| serde_json::from_str(line).expect("one JSON object per line")).collect()
+}
+
+/// Generous for a debug build on a slow box; the runs it guards take a few seconds.
+pub const TIME_LIMIT: Duration = Duration::from_secs(90);
+
+/// Runs `command` with stdin closed, killing it (and failing the test) past [`TIME_LIMIT`].
+pub fn run_bounded(command: &mut Command) -> Output {
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run cac-edge");
+    let pipe = |mut reader: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = reader.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = pipe(Box::new(child.stdout.take().unwrap()));
+    let stderr = pipe(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > TIME_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {TIME_LIMIT:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
