@@ -721,7 +721,6 @@ impl TextFeatureCache {
         ClassList { names: self.names.clone(), is_base: (0..self.names.len()).map(|class| self.is_base(class)).collect() }
     }
 
-    /// Refuses a cache that was not built from this bundle (and, when given, this class list).
     /// Which class list the cache holds, in one line for every run's summary and `doctor`: a
     /// cache built for another list is otherwise used without a word when no list is given.
     /// "60 classes (30 base, 30 new), list 1a2b3c4d: red heart, green triangle, …".

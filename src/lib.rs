@@ -36,9 +36,9 @@
 //! [`inputs`] expands the paths a user gives into image files; [`doctor`] checks a box before it
 //! is trusted.
 //!
-//! Cargo features: `cli` (the `cac-edge` binary's dependencies) and `tooling` (the
-//! [`tooling`] module: `eval` reports with plots, and `bench`), both on by default. An embedder
-//! or a camera-box build turns them off: `cac-edge = { default-features = false }`.
+//! Cargo features: `cli` (the `cac-edge` binary's dependencies) and `tooling` (the `tooling`
+//! module: `eval` reports with plots, and `bench`), both on by default. An embedder or a
+//! camera-box build turns them off: `cac-edge = { default-features = false }`.
 #![warn(missing_docs)]
 
 pub mod bundle;
