@@ -39,7 +39,9 @@ fn git_paths_to_watch() -> Vec<String> {
     let Some(git_dir) = git_dir else { return Vec::new() };
     let head = format!("{git_dir}/HEAD");
     let mut paths = vec![head.clone()];
-    if let Some(reference) = std::fs::read_to_string(&head).ok().and_then(|text| text.strip_prefix("ref: ").map(|r| r.trim().to_string())) {
+    if let Some(reference) =
+        std::fs::read_to_string(&head).ok().and_then(|text| text.strip_prefix("ref: ").map(|r| r.trim().to_string()))
+    {
         paths.push(format!("{git_dir}/{reference}"));
     }
     paths

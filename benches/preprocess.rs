@@ -76,9 +76,7 @@ fn bench_preprocess(c: &mut Criterion) {
             group.sample_size(20);
         }
         let decoded = decode_file(path, &limits).expect("decode test JPEG");
-        group.bench_function(format!("decode/{label}"), |b| {
-            b.iter(|| decode_file(black_box(path), &limits).expect("decode"))
-        });
+        group.bench_function(format!("decode/{label}"), |b| b.iter(|| decode_file(black_box(path), &limits).expect("decode")));
         group.bench_function(format!("preprocess/{label}"), |b| {
             b.iter(|| preprocess_into(black_box(&decoded), &config, &mut out).expect("preprocess"))
         });

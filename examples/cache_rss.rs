@@ -139,12 +139,7 @@ fn write_in_child(path: &Path, classes: usize) -> Result<(), String> {
 }
 
 /// CAC for image `image` of a batch of logits.
-fn calibrate_image(
-    cac: &Calibration,
-    logits: &BatchLogits,
-    image: usize,
-    factors: &[f32],
-) -> Result<Calibrated, String> {
+fn calibrate_image(cac: &Calibration, logits: &BatchLogits, image: usize, factors: &[f32]) -> Result<Calibrated, String> {
     let (fine_tuned, zero_shot) = (logits.fine_tuned.row(image), logits.zero_shot.row(image));
     let (fine_tuned, zero_shot) = (fine_tuned.as_slice().expect("rows"), zero_shot.as_slice().expect("rows"));
     calibrate(cac, fine_tuned, zero_shot, factors).map_err(|error| error.to_string())

@@ -339,8 +339,7 @@ pub fn build_cache(
     check_distinct_tokens(&classes.names, zero_shot_ids.view(), &manifest.zero_shot.template)?;
     check_distinct_tokens(&classes.names, fine_tuned_ids.view(), &manifest.fine_tuned.template)?;
     let encode = |path: &Path, ids: ArrayView2<'_, i64>| -> Result<Array2<f32>, CacheError> {
-        let mut encoder =
-            Encoder::open_text(runtime, path, session_options, bundle.context_length(), bundle.embed_dim())?;
+        let mut encoder = Encoder::open_text(runtime, path, session_options, bundle.context_length(), bundle.embed_dim())?;
         encode_class_prompts(&mut encoder, ids)
     };
     let zero_shot = encode(&bundle.text_zs_path(), zero_shot_ids.view())?;
@@ -473,7 +472,8 @@ pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), Cach
     let factor_bytes: Vec<u8> = contents.dac_factors.iter().flat_map(|value| value.to_le_bytes()).collect();
     let base_bytes: Vec<u8> = contents.classes.is_base.iter().map(|&base| u8::from(base)).collect();
     let name_bytes = contents.classes.names.join("\n").into_bytes();
-    let tensor = |dtype, shape: Vec<usize>, bytes| TensorView::new(dtype, shape, bytes).map_err(|error| invalid(error.to_string()));
+    let tensor =
+        |dtype, shape: Vec<usize>, bytes| TensorView::new(dtype, shape, bytes).map_err(|error| invalid(error.to_string()));
     let tensors = BTreeMap::from([
         (TEXT_FEATURES, tensor(Dtype::F32, vec![2, classes, dim], &text_bytes)?),
         (DAC_FACTORS, tensor(Dtype::F32, vec![classes], &factor_bytes)?),
@@ -504,7 +504,8 @@ fn write_safetensors<'a>(
     tensors: impl IntoIterator<Item = (impl AsRef<str> + Ord, TensorView<'a>)>,
     metadata: HashMap<String, String>,
 ) -> Result<(), CacheError> {
-    crate::fsio::write_safetensors(path, tensors, metadata).map_err(|source| CacheError::Write { path: path.to_path_buf(), source })
+    crate::fsio::write_safetensors(path, tensors, metadata)
+        .map_err(|source| CacheError::Write { path: path.to_path_buf(), source })
 }
 
 /// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold);
@@ -759,7 +760,10 @@ impl TextFeatureCache {
 
 fn check_format(path: &Path, metadata: &HashMap<String, String>) -> Result<(), CacheError> {
     if metadata.get("format").map(String::as_str) != Some(CACHE_FORMAT) {
-        return Err(CacheError::Invalid { path: path.to_path_buf(), message: format!("metadata 'format' is not '{CACHE_FORMAT}'") });
+        return Err(CacheError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("metadata 'format' is not '{CACHE_FORMAT}'"),
+        });
     }
     let version = metadata.get("format_version").cloned().unwrap_or_default();
     if version != CACHE_FORMAT_VERSION.to_string() {
@@ -808,8 +812,8 @@ mod tests {
             ("green\ttriangle", 3),
             ("green\u{a0}triangle", 3),
             ("green\u{3000}TRIANGLE", 3),
-            ("ｇｒｅｅｎ triangle", 3),  // fullwidth: NFKC
-            ("cafe\u{301}", 2),          // decomposed é: NFC
+            ("ｇｒｅｅｎ triangle", 3), // fullwidth: NFKC
+            ("cafe\u{301}", 2),         // decomposed é: NFC
             ("CAFÉ", 2),
         ] {
             let classes = format!("red heart\ncaf\u{e9}\ngreen triangle\n# comment\n{near}\n");
@@ -842,10 +846,7 @@ mod tests {
     fn identical_token_rows_are_refused_naming_both_classes() {
         let ids = ndarray::array![[49406, 320, 1929, 49407], [49406, 320, 1930, 49407], [49406, 320, 1929, 49407]];
         let error = check_distinct_tokens(&names(3), ids.view(), "a photo of a {}.").unwrap_err();
-        assert!(
-            matches!(&error, CacheError::SameTokens { first: 1, second: 3, context_length: 4, .. }),
-            "{error:?}"
-        );
+        assert!(matches!(&error, CacheError::SameTokens { first: 1, second: 3, context_length: 4, .. }), "{error:?}");
         let message = error.to_string();
         assert!(message.starts_with("class 1 'class1' and class 3 'class3' give identical token ids"), "{message}");
         assert!(message.contains("context length of 4 tokens") && message.contains("rename or remove one"), "{message}");
@@ -879,7 +880,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let message = error.to_string();
-        assert!(message.starts_with("class 7 'class7' and class 292 'class292' have the same fine-tuned text features (cosine 1.000000)"), "{message}");
+        assert!(
+            message.starts_with(
+                "class 7 'class7' and class 292 'class292' have the same fine-tuned text features (cosine 1.000000)"
+            ),
+            "{message}"
+        );
         assert!(message.contains("rename or remove one"), "{message}");
 
         // Just above and just below the threshold: a small change along an orthogonal direction.

@@ -217,11 +217,11 @@ impl CalibrationSettings {
         match self.method.unwrap_or(CalibrationMethod::Cac) {
             CalibrationMethod::None => Ok(Calibration::None),
             CalibrationMethod::Dac => Ok(Calibration::Dac),
-            CalibrationMethod::Ts => self
-                .temperature
-                .or(stored_temperature)
-                .map(|temperature| Calibration::Ts { temperature })
-                .ok_or_else(|| "calibration ts needs a temperature: give one, or fit one on base validation images (eval)".to_string()),
+            CalibrationMethod::Ts => {
+                self.temperature.or(stored_temperature).map(|temperature| Calibration::Ts { temperature }).ok_or_else(|| {
+                    "calibration ts needs a temperature: give one, or fit one on base validation images (eval)".to_string()
+                })
+            }
             CalibrationMethod::Cac => {
                 let distance = self.distance.unwrap_or(ContrastDistance::Logits);
                 let default_k = match distance {
@@ -406,8 +406,7 @@ fn sorted_base_distances(features: ArrayView2<'_, f32>, class: usize, base: &[us
     let mut distances: Vec<f64> = base
         .iter()
         .map(|&other| {
-            let squared: f64 =
-                row.iter().zip(features.row(other)).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+            let squared: f64 = row.iter().zip(features.row(other)).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
             squared.sqrt()
         })
         .collect();

@@ -9,7 +9,9 @@ use clap::Args;
 use cac_edge::cache::CacheOpenOptions;
 use cac_edge::inputs::{scan, Scan, ScanOptions, SkipReason};
 use cac_edge::runtime::MAX_INTRA_THREADS;
-use cac_edge::{CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, SessionOptions};
+use cac_edge::{
+    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, SessionOptions,
+};
 
 pub(crate) const MODEL: &str = "Model";
 pub(crate) const RUNTIME: &str = "ONNX Runtime";

@@ -69,7 +69,8 @@ pub(crate) fn run(args: &BenchArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> 
         warmup_rounds: args.warmup_rounds as usize,
         keep_samples: args.samples,
     };
-    let report = run_bench(runtime, &args.model.bundle, &args.model.cache, &images, &options, |line| tracing::info!("bench: {line}"))?;
+    let report =
+        run_bench(runtime, &args.model.bundle, &args.model.cache, &images, &options, |line| tracing::info!("bench: {line}"))?;
     if let Some(note) = &report.machine.device_note {
         tracing::info!("note: {note}");
     }
@@ -106,7 +107,8 @@ fn table(report: &BenchReport) -> String {
         report.images.skipped.len(),
         report.images.mean_pixels,
     );
-    let calibrations: Vec<String> = report.calibrations.iter().map(|calibration| serde_json::to_string(calibration).unwrap_or_default()).collect();
+    let calibrations: Vec<String> =
+        report.calibrations.iter().map(|calibration| serde_json::to_string(calibration).unwrap_or_default()).collect();
     out += &format!("calibrations: {} (TS temperature: {})\n", calibrations.join(" "), report.ts_temperature_source);
     out += &format!(
         "rounds: {} measured after {} warm-up; per-image latency = batch time / batch size (one classify_files \

@@ -52,7 +52,13 @@ pub(crate) fn build(args: &CacheBuildArgs, runtime: &Arc<Runtime>) -> Result<()>
     build_cache(runtime, &bundle, &classes, &args.runtime.session_options(), &output)
         .with_context(|| format!("building the cache {} for the classes in {}", output.display(), args.classes.display()))?;
     let base = classes.is_base.iter().filter(|&&base| base).count();
-    tracing::info!("wrote {} ({} classes: {} base, {} new)", output.display(), classes.names.len(), base, classes.names.len() - base);
+    tracing::info!(
+        "wrote {} ({} classes: {} base, {} new)",
+        output.display(),
+        classes.names.len(),
+        base,
+        classes.names.len() - base
+    );
     print_stdout(&format!("{}\n", output.display()))
 }
 

@@ -97,7 +97,12 @@ pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCod
 }
 
 /// Classifies `paths`, writing a line per image; stops at the first output error.
-fn classify_files(classifier: &mut Classifier, paths: &[PathBuf], out: &mut ResultLines, summary: &mut Summary) -> Option<OutputError> {
+fn classify_files(
+    classifier: &mut Classifier,
+    paths: &[PathBuf],
+    out: &mut ResultLines,
+    summary: &mut Summary,
+) -> Option<OutputError> {
     let calibration = classifier.calibration().name();
     let device = classifier.device().provider;
     let threshold = classifier.threshold().value;
@@ -106,7 +111,13 @@ fn classify_files(classifier: &mut Classifier, paths: &[PathBuf], out: &mut Resu
         let written = match outcome {
             Ok(prediction) => {
                 summary.record(Some(prediction.decision));
-                out.write(&PredictionRecord { path: RecordPath::new(path), prediction: &prediction, threshold, calibration, device })
+                out.write(&PredictionRecord {
+                    path: RecordPath::new(path),
+                    prediction: &prediction,
+                    threshold,
+                    calibration,
+                    device,
+                })
             }
             Err(error) => {
                 summary.record(None);

@@ -113,7 +113,11 @@ pub(crate) fn run(args: &EvalArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
 
 fn summary_table(report: &EvalReport) -> String {
     let mut table = String::new();
-    let _ = writeln!(table, "{:<12} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}", "calibrator", "split", "images", "acc %", "ECE %", "NLL", "thresh");
+    let _ = writeln!(
+        table,
+        "{:<12} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "calibrator", "split", "images", "acc %", "ECE %", "NLL", "thresh"
+    );
     for calibrator in &report.calibrators {
         for split in &calibrator.splits {
             let threshold = split.threshold.map_or_else(|| "-".to_string(), |choice| format!("{:.3}", choice.threshold));

@@ -226,15 +226,10 @@ fn cache_checks(bundle: &Bundle, path: &Path, threshold: Option<f64>) -> Vec<Che
     checks.push(match resolve_calibration(&Default::default(), bundle, &cache) {
         Ok(calibration) => Check::ok(
             "calibration",
-            format!(
-                "{} {} with threshold {}",
-                calibration.name(),
-                serde_json::to_string(&calibration).unwrap_or_default(),
-                {
-                    let threshold = threshold::resolve(threshold, &cache, &calibration);
-                    format!("{} ({})", threshold.value, threshold.source)
-                }
-            ),
+            format!("{} {} with threshold {}", calibration.name(), serde_json::to_string(&calibration).unwrap_or_default(), {
+                let threshold = threshold::resolve(threshold, &cache, &calibration);
+                format!("{} ({})", threshold.value, threshold.source)
+            }),
         ),
         Err(error) => Check::problem("calibration", Status::Fail, error.to_string(), "choose a calibration explicitly"),
     });

@@ -111,8 +111,7 @@ impl Encoder {
 
     fn open(runtime: &Runtime, path: &Path, options: &SessionOptions, contract: Contract) -> Result<Encoder, EncodeError> {
         let (session, device) = runtime.session(path, options)?;
-        check_contract(&session, &contract)
-            .map_err(|message| EncodeError::Contract { path: path.to_path_buf(), message })?;
+        check_contract(&session, &contract).map_err(|message| EncodeError::Contract { path: path.to_path_buf(), message })?;
         Ok(Encoder {
             session,
             path: path.to_path_buf(),
@@ -156,18 +155,17 @@ impl Encoder {
         rows: usize,
     ) -> Result<Array2<f32>, EncodeError> {
         let inputs = ort::inputs![self.input => tensor];
-        let outputs = self.session.run(inputs).map_err(|error| EncodeError::Inference {
-            path: self.path.clone(),
-            message: error.to_string(),
-        })?;
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(|error| EncodeError::Inference { path: self.path.clone(), message: error.to_string() })?;
         let value = outputs.get(self.output).ok_or_else(|| EncodeError::Inference {
             path: self.path.clone(),
             message: format!("no output named {}", self.output),
         })?;
-        let embeds = value.try_extract_array::<f32>().map_err(|error| EncodeError::Inference {
-            path: self.path.clone(),
-            message: error.to_string(),
-        })?;
+        let embeds = value
+            .try_extract_array::<f32>()
+            .map_err(|error| EncodeError::Inference { path: self.path.clone(), message: error.to_string() })?;
         if embeds.shape() != [rows, self.embed_dim] {
             return Err(EncodeError::Contract {
                 path: self.path.clone(),
@@ -197,14 +195,10 @@ fn check_contract(session: &Session, contract: &Contract) -> Result<(), String> 
         }
     };
     check_tensor(input.dtype(), contract.input, contract.input_type, &contract.input_dims)?;
-    let output = session
-        .outputs()
-        .iter()
-        .find(|outlet| outlet.name() == contract.output)
-        .ok_or_else(|| {
-            let names: Vec<&str> = session.outputs().iter().map(|outlet| outlet.name()).collect();
-            format!("expected an output named '{}', found {names:?}", contract.output)
-        })?;
+    let output = session.outputs().iter().find(|outlet| outlet.name() == contract.output).ok_or_else(|| {
+        let names: Vec<&str> = session.outputs().iter().map(|outlet| outlet.name()).collect();
+        format!("expected an output named '{}', found {names:?}", contract.output)
+    })?;
     check_tensor(output.dtype(), contract.output, TensorElementType::Float32, &[None, Some(contract.embed_dim as i64)])
 }
 

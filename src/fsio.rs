@@ -34,7 +34,8 @@ pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> io::Result<
     let _lock = DirLock::exclusive(&dir)?;
     remove_stale_temporaries(&dir);
     let temporary = temporary_path(path);
-    let written = write(&temporary).and_then(|()| File::open(&temporary)?.sync_all()).and_then(|()| std::fs::rename(&temporary, path));
+    let written =
+        write(&temporary).and_then(|()| File::open(&temporary)?.sync_all()).and_then(|()| std::fs::rename(&temporary, path));
     if let Err(error) = written {
         // Best effort: the write error is the one worth reporting.
         let _ = std::fs::remove_file(&temporary);
@@ -43,7 +44,8 @@ pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> io::Result<
     sync_dir(&dir)
 }
 
-/// [`write_atomic`] for bytes already in memory.
+/// [`write_atomic`] for bytes already in memory (reports and plots).
+#[cfg(any(feature = "tooling", test))]
 pub(crate) fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, |temporary| std::fs::write(temporary, bytes))
 }

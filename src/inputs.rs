@@ -113,9 +113,9 @@ pub fn scan(inputs: &[PathBuf], options: &ScanOptions) -> Scan {
 /// Identity of a file or directory: (device, inode) on Unix, the canonical path elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum FileId {
-    #[cfg_attr(not(unix), allow(dead_code))]
+    #[cfg_attr(not(unix), allow(dead_code, reason = "built on Unix only"))]
     Inode(u64, u64),
-    #[cfg_attr(unix, allow(dead_code))]
+    #[cfg_attr(unix, allow(dead_code, reason = "built where there are no inodes only"))]
     Path(PathBuf),
 }
 

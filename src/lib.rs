@@ -40,6 +40,9 @@
 //! module: `eval` reports with plots, and `bench`), both on by default. An embedder or a
 //! camera-box build turns them off: `cac-edge = { default-features = false }`.
 #![warn(missing_docs)]
+// stdout carries the JSON lines consumers parse, and a print macro panics on a closed or full
+// stream: output goes through `report` (library) or `cli_output` (binary), logs through tracing.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod bundle;
 pub mod cache;

@@ -74,11 +74,8 @@ pub fn similarities(images: ArrayView2<'_, f32>, text: ArrayView2<'_, f32>) -> A
     let (batch, dim, rows) = (images.nrows(), images.ncols(), text.nrows());
     // Computed as [R, N] so that each thread owns a contiguous range of the output.
     let mut by_row = vec![0f32; rows * batch];
-    let threads = if rows * dim >= PARALLEL_ELEMENTS {
-        std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
-    } else {
-        1
-    };
+    let threads =
+        if rows * dim >= PARALLEL_ELEMENTS { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) } else { 1 };
     let rows_per_thread = rows.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         let mut chunks = by_row.chunks_mut(rows_per_thread * batch).zip(text_rows.chunks(rows_per_thread * dim));

@@ -6,6 +6,10 @@
 //! (the others are reported) or none were found; 2 nothing could run (bad arguments, bundle,
 //! cache or ONNX Runtime library).
 
+// stdout carries the JSON lines consumers parse, and a print macro panics on a closed or full
+// stream: results go through `cli_output`, messages through tracing.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -105,7 +109,9 @@ fn run(command: Command) -> Result<ExitCode> {
     // ONNX Runtime is loaded once, here, by the commands that run encoders, and handed to them.
     let load = |args: &RuntimeArgs| Runtime::load(args.ort_lib.as_deref());
     match &command {
-        Command::Cache(cli_cache::CacheCommand::Build(args)) => cli_cache::build(args, &load(&args.runtime)?).map(|()| ExitCode::SUCCESS),
+        Command::Cache(cli_cache::CacheCommand::Build(args)) => {
+            cli_cache::build(args, &load(&args.runtime)?).map(|()| ExitCode::SUCCESS)
+        }
         Command::Cache(cli_cache::CacheCommand::Info { cache }) => cli_cache::info(cache).map(|()| ExitCode::SUCCESS),
         Command::Classify(args) => cli_classify::run(args, &load(&args.runtime)?),
         // doctor reports a library that does not load as its first failed check.

@@ -12,13 +12,13 @@ use ndarray::{Array2, Array4, ArrayView1, Axis};
 
 use crate::bundle::{Bundle, BundleError};
 use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
-use crate::threshold::{self, Threshold};
 use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
 use crate::logits::{batch_logits, BatchLogits, LogitScales};
 use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig, PreprocessError};
 use crate::runtime::{ChosenDevice, Runtime, RuntimeError, SessionOptions};
+use crate::threshold::{self, Threshold};
 
 /// Everything that can go wrong opening a [`Classifier`] or classifying with it.
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +300,7 @@ impl Classifier {
         mut report: impl FnMut(&Path, Result<Prediction, PipelineError>) -> ControlFlow<()>,
     ) {
         let batch_size = self.options.batch_size;
-        let limits = self.options.decode_limits.clone();
+        let limits = self.options.decode_limits;
         let config = self.preprocess.clone();
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel::<PreparedBatch>(1);
@@ -503,17 +503,15 @@ fn prepare_batch(paths: &[PathBuf], first_index: usize, limits: &DecodeLimits, c
 fn preprocess_frames(frames: &[RgbImage], config: &PreprocessConfig, first_index: usize) -> Result<Array4<f32>, PipelineError> {
     let side = config.image_size as usize;
 
-        let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
-        for (slot, (frame, mut target)) in frames.iter().zip(pixels.outer_iter_mut()).enumerate() {
-            // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
-            // fallback makes preprocess_into report a size error rather than panic.
-            let out = target.as_slice_mut().unwrap_or_default();
-            preprocess_into(frame, config, out)
-                .map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
-        }
-        Ok(pixels)
+    let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
+    for (slot, (frame, mut target)) in frames.iter().zip(pixels.outer_iter_mut()).enumerate() {
+        // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
+        // fallback makes preprocess_into report a size error rather than panic.
+        let out = target.as_slice_mut().unwrap_or_default();
+        preprocess_into(frame, config, out).map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
     }
-
+    Ok(pixels)
+}
 
 /// The calibration in force: the caller's settings, else the bundle's, else the paper's CAC; a
 /// TS temperature may also come from the cache (fitted by `eval`).

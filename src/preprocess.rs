@@ -32,10 +32,10 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 /// OpenAI CLIP's normalisation constants (`open_clip.constants.OPENAI_DATASET_MEAN/STD`),
 /// written with open_clip's digits; they round to the f32 values torch's Normalize uses.
-#[allow(clippy::excessive_precision)]
+#[allow(clippy::excessive_precision, reason = "open_clip's own digits, so the constants can be compared with its source")]
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP's per-channel (RGB) standard deviations; see [`OPENAI_CLIP_MEAN`].
-#[allow(clippy::excessive_precision)]
+#[allow(clippy::excessive_precision, reason = "open_clip's own digits, so the constants can be compared with its source")]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Extensions of the image files that folders are searched for (a named file is decoded
@@ -283,7 +283,11 @@ fn file_kind(kind: std::fs::FileType) -> &'static str {
 
 #[cfg(not(unix))]
 fn file_kind(kind: std::fs::FileType) -> &'static str {
-    if kind.is_dir() { "directory" } else { "special file" }
+    if kind.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
 }
 
 /// Decodes an in-memory encoded image (JPEG, PNG, …) to 8-bit RGB.
@@ -561,9 +565,8 @@ impl Window {
 /// not resampled (fast_image_resize skips that pass).
 fn resample(src: &[u8], src_size: (u32, u32), crop_box: [f64; 4], dst_size: (u32, u32)) -> Result<Vec<u8>, PreprocessError> {
     let [left, top, box_width, box_height] = crop_box;
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-        .crop(left, top, box_width, box_height);
+    let options =
+        ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom)).crop(left, top, box_width, box_height);
     let src = ImageRef::new(src_size.0, src_size.1, src, PixelType::U8x3).map_err(|e| PreprocessError::Resize(e.to_string()))?;
     let mut dst = FirImage::new(dst_size.0, dst_size.1, PixelType::U8x3);
     RESIZER
@@ -588,7 +591,14 @@ fn normalisation_luts(cfg: &PreprocessConfig) -> [[f32; 256]; 3] {
 }
 
 /// Writes the S × S window at `offset` of packed RGB `src` (`src_width` wide) as three planes.
-fn write_chw(src: &[u8], src_width: u32, offset: (u32, u32), side: u32, luts: &[[f32; 256]; 3], out: &mut [f32]) -> Result<(), PreprocessError> {
+fn write_chw(
+    src: &[u8],
+    src_width: u32,
+    offset: (u32, u32),
+    side: u32,
+    luts: &[[f32; 256]; 3],
+    out: &mut [f32],
+) -> Result<(), PreprocessError> {
     let (side, src_width) = (side as usize, src_width as usize);
     let (left, top) = (offset.0 as usize, offset.1 as usize);
     let plane = side.checked_mul(side).filter(|&p| p > 0 && src_width > 0).ok_or_else(window_error)?;
@@ -686,7 +696,7 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::excessive_precision)]
+    #[allow(clippy::excessive_precision, reason = "torchvision's f32 values, digit for digit")]
     fn normalisation_matches_torchvision_f32_order() {
         let cfg = PreprocessConfig::openai_clip(2);
         let luts = normalisation_luts(&cfg);
@@ -714,7 +724,10 @@ mod tests {
         let cfg = PreprocessConfig::openai_clip(4);
         let rgb = RgbImage::new(8, 8);
         let mut short = vec![0.0; 5];
-        assert!(matches!(preprocess_into(&rgb, &cfg, &mut short), Err(PreprocessError::OutputLength { expected: 48, actual: 5 })));
+        assert!(matches!(
+            preprocess_into(&rgb, &cfg, &mut short),
+            Err(PreprocessError::OutputLength { expected: 48, actual: 5 })
+        ));
         assert!(matches!(preprocess(&RgbImage::new(0, 5), &cfg), Err(PreprocessError::EmptyImage { .. })));
         assert!(matches!(preprocess(&rgb, &PreprocessConfig::openai_clip(0)), Err(PreprocessError::InvalidConfig(_))));
         let zero_std = PreprocessConfig { std: [0.0; 3], ..cfg.clone() };

@@ -106,14 +106,7 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} images: {} accepted, {} abstained, {} failed",
-            self.total(),
-            self.accepted,
-            self.abstained,
-            self.failed
-        )
+        write!(f, "{} images: {} accepted, {} abstained, {} failed", self.total(), self.accepted, self.abstained, self.failed)
     }
 }
 

@@ -346,9 +346,9 @@ impl SessionOptions {
             return refuse("the GPU id must be >= 0 and the TensorRT workspace at least 1 byte");
         }
         match self.intra_threads {
-            Some(threads) if threads == 0 || threads > MAX_INTRA_THREADS => Err(RuntimeError::Options(format!(
-                "intra-op threads must be between 1 and {MAX_INTRA_THREADS}, got {threads}"
-            ))),
+            Some(threads) if threads == 0 || threads > MAX_INTRA_THREADS => {
+                Err(RuntimeError::Options(format!("intra-op threads must be between 1 and {MAX_INTRA_THREADS}, got {threads}")))
+            }
             _ => Ok(()),
         }
     }
@@ -357,14 +357,16 @@ impl SessionOptions {
 /// GPU providers are registered with `error_on_failure`, because ONNX Runtime otherwise falls
 /// back to CPU silently and the reported device would be a lie. TensorRT is followed by CUDA so
 /// that operators TensorRT cannot take still run on the GPU.
-fn provider_list(provider: Provider, options: &SessionOptions, engine_cache: Option<&Path>) -> Vec<ep::ExecutionProviderDispatch> {
+fn provider_list(
+    provider: Provider,
+    options: &SessionOptions,
+    engine_cache: Option<&Path>,
+) -> Vec<ep::ExecutionProviderDispatch> {
     let cuda = || ep::CUDA::default().with_device_id(options.cuda_device_id).build().error_on_failure();
     match provider {
         Provider::Cuda => vec![cuda()],
         Provider::TensorRt => {
-            let mut tensorrt = ep::TensorRT::default()
-                .with_device_id(options.cuda_device_id)
-                .with_fp16(options.tensorrt_fp16);
+            let mut tensorrt = ep::TensorRT::default().with_device_id(options.cuda_device_id).with_fp16(options.tensorrt_fp16);
             if let Some(bytes) = options.tensorrt_workspace {
                 tensorrt = tensorrt.with_max_workspace_size(bytes);
             }
@@ -452,7 +454,11 @@ mod tests {
     fn gpu_options_that_would_be_ignored_are_refused() {
         let cpu = SessionOptions { device: Device::Cpu, ..SessionOptions::default() };
         assert!(cpu.validate().is_ok());
-        assert!(SessionOptions { tensorrt_fp16: true, ..cpu.clone() }.validate().unwrap_err().to_string().contains("tensorrt or auto device"));
+        assert!(SessionOptions { tensorrt_fp16: true, ..cpu.clone() }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tensorrt or auto device"));
         assert!(SessionOptions { intra_threads: Some(100_000), ..cpu.clone() }.validate().is_err());
         assert!(SessionOptions { intra_threads: Some(0), ..cpu.clone() }.validate().is_err());
         assert!(SessionOptions { intra_threads: Some(4), ..cpu.clone() }.validate().is_ok());
@@ -460,7 +466,9 @@ mod tests {
         let cuda = SessionOptions { device: Device::Cuda, cuda_device_id: 1, ..SessionOptions::default() };
         assert!(cuda.validate().is_ok());
         assert!(SessionOptions { tensorrt_workspace: Some(1 << 30), ..cuda }.validate().is_err());
-        assert!(SessionOptions { tensorrt_fp16: true, tensorrt_workspace: Some(1 << 30), ..SessionOptions::default() }.validate().is_ok());
+        assert!(SessionOptions { tensorrt_fp16: true, tensorrt_workspace: Some(1 << 30), ..SessionOptions::default() }
+            .validate()
+            .is_ok());
     }
 
     #[test]

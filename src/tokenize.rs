@@ -81,9 +81,7 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer")
-            .field("context_length", &self.context_length)
-            .finish()
+        f.debug_struct("ClipTokenizer").field("context_length", &self.context_length).finish()
     }
 }
 
@@ -93,23 +91,15 @@ impl ClipTokenizer {
         if context_length == 0 {
             return Err(TokenizeError::ContextLength { context_length });
         }
-        let load_error = |message: String| TokenizeError::Load {
-            path: path.to_path_buf(),
-            message,
-        };
+        let load_error = |message: String| TokenizeError::Load { path: path.to_path_buf(), message };
         let mut inner = Tokenizer::from_file(path).map_err(|e| load_error(e.to_string()))?;
         check_special_ids(&inner).map_err(load_error)?;
         // clean_text does the normalisation (see the module docs); special ids, truncation and
         // padding are applied by `fit_to_context`.
         inner.with_normalizer(None::<NormalizerWrapper>);
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| load_error(e.to_string()))?;
-        Ok(Self {
-            inner,
-            context_length,
-        })
+        inner.with_truncation(None).map_err(|e| load_error(e.to_string()))?;
+        Ok(Self { inner, context_length })
     }
 
     /// L: the number of ids every encoded text has.
@@ -121,12 +111,7 @@ impl ClipTokenizer {
     /// context_length. `[49406] + bpe + [49407]`; too long → the first `context_length` ids with
     /// the last one replaced by 49407; too short → zero padding.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TokenizeError> {
-        let bpe = self
-            .bpe_ids(&clean_text(text))
-            .map_err(|message| TokenizeError::Encode {
-                text: text.to_string(),
-                message,
-            })?;
+        let bpe = self.bpe_ids(&clean_text(text)).map_err(|message| TokenizeError::Encode { text: text.to_string(), message })?;
         let mut ids = Vec::with_capacity(bpe.len() + 2);
         ids.push(START_OF_TEXT);
         ids.extend(bpe);
@@ -147,20 +132,14 @@ impl ClipTokenizer {
 
     /// BPE ids of already-cleaned text, without start/end ids.
     fn bpe_ids(&self, cleaned: &str) -> Result<Vec<i64>, String> {
-        let encoding = self
-            .inner
-            .encode_fast(cleaned, false)
-            .map_err(|e| e.to_string())?;
+        let encoding = self.inner.encode_fast(cleaned, false).map_err(|e| e.to_string())?;
         Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 }
 
 /// A tokenizer whose special tokens sit elsewhere is not open_clip's vocabulary.
 fn check_special_ids(tokenizer: &Tokenizer) -> Result<(), String> {
-    for (token, expected) in [
-        (START_OF_TEXT_TOKEN, START_OF_TEXT),
-        (END_OF_TEXT_TOKEN, END_OF_TEXT),
-    ] {
+    for (token, expected) in [(START_OF_TEXT_TOKEN, START_OF_TEXT), (END_OF_TEXT_TOKEN, END_OF_TEXT)] {
         let found = tokenizer.token_to_id(token).map(i64::from);
         if found != Some(expected) {
             return Err(format!(
@@ -197,10 +176,7 @@ pub fn clean_text(text: &str) -> String {
 /// which are Unicode White_Space plus the separators U+001C..U+001F.
 fn collapse_whitespace(text: &str) -> String {
     let is_python_space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
-    text.split(is_python_space)
-        .filter(|word| !word.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+    text.split(is_python_space).filter(|word| !word.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 /// The parts of `ftfy.fix_text` (ftfy 6.3, default configuration) other than mojibake repair.
@@ -277,9 +253,7 @@ mod ftfy {
     /// `fix_c1_controls`: U+0080..U+009F are read as the Windows-1252 bytes they usually were.
     fn c1_control(c: char) -> Option<String> {
         let code = u32::from(c);
-        (0x80..=0x9f)
-            .contains(&code)
-            .then(|| super::html::windows_1252(code).to_string())
+        (0x80..=0x9f).contains(&code).then(|| super::html::windows_1252(code).to_string())
     }
 
     /// `fix_latin_ligatures`: typographic ligatures and legacy digraphs of Latin letters.
@@ -336,8 +310,7 @@ mod ftfy {
 
     /// `fix_line_breaks`: CRLF, CR, LS, PS and NEL all become `\n`.
     fn fix_line_breaks(text: &str) -> String {
-        text.replace("\r\n", "\n")
-            .replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n")
+        text.replace("\r\n", "\n").replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n")
     }
 
     /// `remove_terminal_escapes`: ANSI sequences `ESC [ (digit|;)* letter`.
@@ -347,10 +320,7 @@ mod ftfy {
         while let Some(start) = rest.find("\u{1b}[") {
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
-            let params = after.len()
-                - after
-                    .trim_start_matches(|c: char| c.is_ascii_digit() || c == ';')
-                    .len();
+            let params = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit() || c == ';').len();
             match after[params..].chars().next() {
                 Some(letter) if letter.is_ascii_alphabetic() => {
                     rest = &after[params + letter.len_utf8()..];
@@ -421,11 +391,7 @@ mod html {
 
     /// Length in bytes of the longest prefix of at most `max_chars` chars satisfying `accept`.
     fn prefix_len(text: &str, max_chars: usize, accept: impl Fn(char) -> bool) -> usize {
-        text.char_indices()
-            .take(max_chars)
-            .take_while(|&(_, c)| accept(c))
-            .last()
-            .map_or(0, |(i, c)| i + c.len_utf8())
+        text.char_indices().take(max_chars).take_while(|&(_, c)| accept(c)).last().map_or(0, |(i, c)| i + c.len_utf8())
     }
 
     /// One match of Python's `&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)`.
@@ -445,9 +411,7 @@ mod html {
             let consumed = 1 + digits_from + len + semicolon(digits, len);
             return Some((consumed, numeric_reference(value)));
         }
-        let len = prefix_len(after, 32, |c| {
-            !matches!(c, '\t' | '\n' | '\u{c}' | ' ' | '<' | '&' | '#' | ';')
-        });
+        let len = prefix_len(after, 32, |c| !matches!(c, '\t' | '\n' | '\u{c}' | ' ' | '<' | '&' | '#' | ';'));
         if len == 0 {
             return None;
         }
@@ -472,8 +436,7 @@ mod html {
 
     /// Python's `_invalid_codepoints`: C0/C1 controls, noncharacters (reference dropped).
     fn is_invalid_codepoint(code: u32) -> bool {
-        matches!(code, 0x01..=0x08 | 0x0b | 0x0e..=0x1f | 0x7f..=0x9f | 0xfdd0..=0xfdef)
-            || (code & 0xfffe) == 0xfffe
+        matches!(code, 0x01..=0x08 | 0x0b | 0x0e..=0x1f | 0x7f..=0x9f | 0xfdd0..=0xfdef) || (code & 0xfffe) == 0xfffe
     }
 
     /// `s` = name with its `;` if present. Exact name, else the longest legacy name (those
@@ -517,10 +480,7 @@ mod html {
             let name = &body[..len];
             match entity(name) {
                 Some(value) => value.to_string(),
-                None => upper_case_entities()
-                    .get(name)
-                    .cloned()
-                    .unwrap_or(reference),
+                None => upper_case_entities().get(name).cloned().unwrap_or(reference),
             }
         };
         Some((consumed, replacement))
@@ -557,61 +517,45 @@ mod html {
             return Some(MULTI_CODE_POINT_ENTITIES[i].1);
         }
         let table = &html_escape::NAMED_ENTITIES;
-        let i = table
-            .binary_search_by(|(n, _)| (*n).cmp(name.as_bytes()))
-            .ok()?;
+        let i = table.binary_search_by(|(n, _)| (*n).cmp(name.as_bytes())).ok()?;
         Some(table[i].1)
     }
 
     /// Value of a legacy entity written without `;` (`&amp`, `&eacute`).
     fn legacy_entity(name: &str) -> Option<&'static str> {
-        LEGACY_ENTITY_NAMES
-            .binary_search(&name)
-            .ok()
-            .and_then(|_| entity(name))
+        LEGACY_ENTITY_NAMES.binary_search(&name).ok().and_then(|_| entity(name))
     }
 
     /// Windows-1252 reading of the byte 0x80..=0x9F (undefined bytes keep their code point),
     /// used both by Python's numeric references and by ftfy's `fix_c1_controls`.
     pub(super) fn windows_1252(code: u32) -> char {
         const TABLE: [char; 32] = [
-            '\u{20ac}', '\u{81}', '\u{201a}', '\u{192}', '\u{201e}', '\u{2026}', '\u{2020}',
-            '\u{2021}', '\u{2c6}', '\u{2030}', '\u{160}', '\u{2039}', '\u{152}', '\u{8d}',
-            '\u{17d}', '\u{8f}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201c}', '\u{201d}',
-            '\u{2022}', '\u{2013}', '\u{2014}', '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}',
-            '\u{153}', '\u{9d}', '\u{17e}', '\u{178}',
+            '\u{20ac}', '\u{81}', '\u{201a}', '\u{192}', '\u{201e}', '\u{2026}', '\u{2020}', '\u{2021}', '\u{2c6}', '\u{2030}',
+            '\u{160}', '\u{2039}', '\u{152}', '\u{8d}', '\u{17d}', '\u{8f}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201c}',
+            '\u{201d}', '\u{2022}', '\u{2013}', '\u{2014}', '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}', '\u{153}', '\u{9d}',
+            '\u{17e}', '\u{178}',
         ];
-        code.checked_sub(0x80)
-            .and_then(|i| TABLE.get(i as usize).copied())
-            .or_else(|| char::from_u32(code))
-            .unwrap_or('\u{fffd}')
+        code.checked_sub(0x80).and_then(|i| TABLE.get(i as usize).copied()).or_else(|| char::from_u32(code)).unwrap_or('\u{fffd}')
     }
 
     #[cfg(test)]
     #[test]
     fn tables_are_sorted_for_binary_search() {
         assert!(LEGACY_ENTITY_NAMES.windows(2).all(|w| w[0] < w[1]));
-        assert!(MULTI_CODE_POINT_ENTITIES
-            .windows(2)
-            .all(|w| w[0].0 < w[1].0));
-        assert!(html_escape::NAMED_ENTITIES
-            .windows(2)
-            .all(|w| w[0].0 < w[1].0));
+        assert!(MULTI_CODE_POINT_ENTITIES.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(html_escape::NAMED_ENTITIES.windows(2).all(|w| w[0].0 < w[1].0));
     }
 
     /// Entities valid without the `;` (Python's `html5` keys without `;`), sorted.
     const LEGACY_ENTITY_NAMES: [&str; 106] = [
-        "AElig", "AMP", "Aacute", "Acirc", "Agrave", "Aring", "Atilde", "Auml", "COPY", "Ccedil",
-        "ETH", "Eacute", "Ecirc", "Egrave", "Euml", "GT", "Iacute", "Icirc", "Igrave", "Iuml",
-        "LT", "Ntilde", "Oacute", "Ocirc", "Ograve", "Oslash", "Otilde", "Ouml", "QUOT", "REG",
-        "THORN", "Uacute", "Ucirc", "Ugrave", "Uuml", "Yacute", "aacute", "acirc", "acute",
-        "aelig", "agrave", "amp", "aring", "atilde", "auml", "brvbar", "ccedil", "cedil", "cent",
-        "copy", "curren", "deg", "divide", "eacute", "ecirc", "egrave", "eth", "euml", "frac12",
-        "frac14", "frac34", "gt", "iacute", "icirc", "iexcl", "igrave", "iquest", "iuml", "laquo",
-        "lt", "macr", "micro", "middot", "nbsp", "not", "ntilde", "oacute", "ocirc", "ograve",
-        "ordf", "ordm", "oslash", "otilde", "ouml", "para", "plusmn", "pound", "quot", "raquo",
-        "reg", "sect", "shy", "sup1", "sup2", "sup3", "szlig", "thorn", "times", "uacute", "ucirc",
-        "ugrave", "uml", "uuml", "yacute", "yen", "yuml",
+        "AElig", "AMP", "Aacute", "Acirc", "Agrave", "Aring", "Atilde", "Auml", "COPY", "Ccedil", "ETH", "Eacute", "Ecirc",
+        "Egrave", "Euml", "GT", "Iacute", "Icirc", "Igrave", "Iuml", "LT", "Ntilde", "Oacute", "Ocirc", "Ograve", "Oslash",
+        "Otilde", "Ouml", "QUOT", "REG", "THORN", "Uacute", "Ucirc", "Ugrave", "Uuml", "Yacute", "aacute", "acirc", "acute",
+        "aelig", "agrave", "amp", "aring", "atilde", "auml", "brvbar", "ccedil", "cedil", "cent", "copy", "curren", "deg",
+        "divide", "eacute", "ecirc", "egrave", "eth", "euml", "frac12", "frac14", "frac34", "gt", "iacute", "icirc", "iexcl",
+        "igrave", "iquest", "iuml", "laquo", "lt", "macr", "micro", "middot", "nbsp", "not", "ntilde", "oacute", "ocirc",
+        "ograve", "ordf", "ordm", "oslash", "otilde", "ouml", "para", "plusmn", "pound", "quot", "raquo", "reg", "sect", "shy",
+        "sup1", "sup2", "sup3", "szlig", "thorn", "times", "uacute", "ucirc", "ugrave", "uml", "uuml", "yacute", "yen", "yuml",
     ];
 
     /// HTML5 entities whose value is two code points (Python's `html5`), sorted by name.
@@ -728,10 +672,7 @@ mod tests {
 
     #[test]
     fn whitespace_and_controls() {
-        assert_eq!(
-            clean_text("  a\tphoto\r\n of\u{a0}a  cat.  "),
-            "a photo of a cat."
-        );
+        assert_eq!(clean_text("  a\tphoto\r\n of\u{a0}a  cat.  "), "a photo of a cat.");
         assert_eq!(clean_text("a\u{1c}b\u{0}c\u{feff}d"), "abcd");
         assert_eq!(clean_text("\u{1b}[31mred\u{1b}[0m"), "red");
         assert_eq!(clean_text(" \t\n "), "");
@@ -741,10 +682,7 @@ mod tests {
     #[test]
     fn html_entities() {
         assert_eq!(clean_text("Tom &amp; Jerry"), "tom & jerry");
-        assert_eq!(
-            clean_text("&lt;b&gt; &#39;x&#39; &quot;y&quot;"),
-            "<b> 'x' \"y\""
-        );
+        assert_eq!(clean_text("&lt;b&gt; &#39;x&#39; &quot;y&quot;"), "<b> 'x' \"y\"");
         // ftfy unescapes repeatedly, then open_clip twice more.
         assert_eq!(clean_text("a &amp;amp;amp;amp; b"), "a & b");
         // With a `<` in the line ftfy leaves entities alone: only open_clip's two rounds.
@@ -763,32 +701,17 @@ mod tests {
 
     #[test]
     fn lowercase_like_python() {
-        assert_eq!(
-            clean_text("ΟΔΟΣ Zürich İ"),
-            "\u{3bf}\u{3b4}\u{3bf}\u{3c2} zürich i\u{307}"
-        );
+        assert_eq!(clean_text("ΟΔΟΣ Zürich İ"), "\u{3bf}\u{3b4}\u{3bf}\u{3c2} zürich i\u{307}");
         // C1 controls read as Windows-1252, then uncurled.
         assert_eq!(clean_text("\u{93}hi\u{94} caf\u{82}"), "\"hi\" caf'");
     }
 
     #[test]
     fn truncation_and_padding() {
-        assert_eq!(
-            fit_to_context(vec![START_OF_TEXT, 1, 2, END_OF_TEXT], 6),
-            [START_OF_TEXT, 1, 2, END_OF_TEXT, 0, 0]
-        );
-        assert_eq!(
-            fit_to_context(vec![START_OF_TEXT, 1, 2, END_OF_TEXT], 4),
-            [START_OF_TEXT, 1, 2, END_OF_TEXT]
-        );
-        assert_eq!(
-            fit_to_context(vec![START_OF_TEXT, 1, 2, 3, END_OF_TEXT], 3),
-            [START_OF_TEXT, 1, END_OF_TEXT]
-        );
-        assert_eq!(
-            fit_to_context(vec![START_OF_TEXT, END_OF_TEXT], 1),
-            [END_OF_TEXT]
-        );
+        assert_eq!(fit_to_context(vec![START_OF_TEXT, 1, 2, END_OF_TEXT], 6), [START_OF_TEXT, 1, 2, END_OF_TEXT, 0, 0]);
+        assert_eq!(fit_to_context(vec![START_OF_TEXT, 1, 2, END_OF_TEXT], 4), [START_OF_TEXT, 1, 2, END_OF_TEXT]);
+        assert_eq!(fit_to_context(vec![START_OF_TEXT, 1, 2, 3, END_OF_TEXT], 3), [START_OF_TEXT, 1, END_OF_TEXT]);
+        assert_eq!(fit_to_context(vec![START_OF_TEXT, END_OF_TEXT], 1), [END_OF_TEXT]);
     }
 
     #[test]

@@ -48,7 +48,9 @@ fn a_byte_order_mark_is_not_part_of_the_first_class_name() {
     let reference = dir.path().join("plain.safetensors");
     let output = cache_build(&plain, &fixture("base.txt"), &reference);
     assert!(output.status.success(), "{}", text(&output.stderr));
-    for (classes, base, name) in [(&bom, &fixture("base.txt"), "a.safetensors"), (&bom, &bom_base, "b.safetensors"), (&plain, &bom_base, "c.safetensors")] {
+    for (classes, base, name) in
+        [(&bom, &fixture("base.txt"), "a.safetensors"), (&bom, &bom_base, "b.safetensors"), (&plain, &bom_base, "c.safetensors")]
+    {
         let cache = dir.path().join(name);
         let output = cache_build(classes, base, &cache);
         assert!(output.status.success(), "{} + {}: {}", classes.display(), base.display(), text(&output.stderr));

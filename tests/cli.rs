@@ -13,8 +13,17 @@ fn classify_reports_every_image_and_keeps_going_past_bad_ones() {
     let cache = build_cache_cli(dir.path());
     let bundle = bundle_dir();
     let output = cac_edge(&[
-        "classify", "--bundle", bundle.to_str().unwrap(), "--cache", &cache, "--device", "cpu",
-        "--threshold", "0.5", "--top-k", "2",
+        "classify",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--cache",
+        &cache,
+        "--device",
+        "cpu",
+        "--threshold",
+        "0.5",
+        "--top-k",
+        "2",
         fixture("images/photos").to_str().unwrap(),
         fixture("images/modes").to_str().unwrap(),
         fixture("images/bad").to_str().unwrap(),
@@ -26,10 +35,7 @@ fn classify_reports_every_image_and_keeps_going_past_bad_ones() {
     let (failed, classified): (Vec<&Value>, Vec<&Value>) = lines.iter().partition(|line| line.get("error").is_some());
 
     // Every photo and every odd-mode image (RGBA, LA, grayscale, 16-bit, palette…) classifies.
-    let good_inputs = ["images/photos", "images/modes"]
-        .iter()
-        .flat_map(|dir| std::fs::read_dir(fixture(dir)).unwrap())
-        .count();
+    let good_inputs = ["images/photos", "images/modes"].iter().flat_map(|dir| std::fs::read_dir(fixture(dir)).unwrap()).count();
     assert_eq!(classified.len(), good_inputs, "{stderr}");
     for line in &classified {
         let confidence = line["confidence"].as_f64().unwrap();
@@ -58,10 +64,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/chelsea.png");
-    for args in [
-        vec!["--ort-lib", "/nonexistent/libonnxruntime.so"],
-        vec![],
-    ] {
+    for args in [vec!["--ort-lib", "/nonexistent/libonnxruntime.so"], vec![]] {
         let mut command = command();
         command.args(["classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, photo.to_str().unwrap()]);
         command.args(&args).env("ORT_DYLIB_PATH", "/also/nonexistent/libonnxruntime.so");
@@ -80,7 +83,16 @@ fn gpu_providers_fail_clearly_when_asked_for_and_auto_falls_back_to_cpu() {
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/chelsea.png");
     let run = |device: &str| {
-        cac_edge(&["classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, "--device", device, photo.to_str().unwrap()])
+        cac_edge(&[
+            "classify",
+            "--bundle",
+            bundle_dir().to_str().unwrap(),
+            "--cache",
+            &cache,
+            "--device",
+            device,
+            photo.to_str().unwrap(),
+        ])
     };
     for (device, provider) in [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")] {
         let output = run(device);
@@ -100,8 +112,16 @@ fn image_size_limit_is_configurable_and_refuses_before_decoding() {
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/astronaut.png"); // 512 x 512
     let output = cac_edge(&[
-        "classify", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, "--device", "cpu",
-        "--max-image-side", "256", photo.to_str().unwrap(),
+        "classify",
+        "--bundle",
+        bundle_dir().to_str().unwrap(),
+        "--cache",
+        &cache,
+        "--device",
+        "cpu",
+        "--max-image-side",
+        "256",
+        photo.to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(1));
     let line = &json_lines(&output)[0];
@@ -114,9 +134,16 @@ fn a_bundle_with_a_missing_file_is_refused_by_name() {
     let bundle = edited_bundle(dir.path(), |text| text + "\n");
     std::fs::remove_file(bundle.join("text_ft.onnx")).unwrap();
     let output = cac_edge(&[
-        "cache", "build", "--bundle", bundle.to_str().unwrap(),
-        "--classes", fixture("classes.txt").to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap(),
-        "--output", dir.path().join("c.safetensors").to_str().unwrap(),
+        "cache",
+        "build",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--classes",
+        fixture("classes.txt").to_str().unwrap(),
+        "--base",
+        fixture("base.txt").to_str().unwrap(),
+        "--output",
+        dir.path().join("c.safetensors").to_str().unwrap(),
     ]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
@@ -130,8 +157,14 @@ fn class_list_errors_name_the_file_and_line() {
     let classes = dir.path().join("classes.txt");
     std::fs::write(&classes, "cat\ndog\ncat\n").unwrap();
     let output = cac_edge(&[
-        "cache", "build", "--bundle", bundle_dir().to_str().unwrap(),
-        "--classes", classes.to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap(),
+        "cache",
+        "build",
+        "--bundle",
+        bundle_dir().to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+        "--base",
+        fixture("base.txt").to_str().unwrap(),
     ]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2));
@@ -160,7 +193,8 @@ fn doctor_reports_library_providers_bundle_cache_and_calibration() {
     // Something required missing: non-zero exit, and the fix is named.
     let stale = dir.path().join("stale.safetensors");
     std::fs::write(&stale, b"not a cache").unwrap();
-    let output = cac_edge(&["doctor", "--bundle", bundle.to_str().unwrap(), "--cache", stale.to_str().unwrap(), "--device", "cuda"]);
+    let output =
+        cac_edge(&["doctor", "--bundle", bundle.to_str().unwrap(), "--cache", stale.to_str().unwrap(), "--device", "cuda"]);
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("[FAIL] execution provider") && stdout.contains("[FAIL] cache"), "{stdout}");

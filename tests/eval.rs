@@ -76,7 +76,10 @@ fn check_consistency(report: &Value, bins: usize) {
                 .sum();
             assert!((100.0 * ece - number(&split["ece_percent"])).abs() < 1e-9, "{name}: ECE from the bins");
             let correct: f64 = table.iter().map(|bin| number(&bin["count"]) * number(&bin["accuracy"])).sum();
-            assert!((100.0 * correct / images - number(&split["accuracy_percent"])).abs() < 1e-9, "{name}: accuracy from the bins");
+            assert!(
+                (100.0 * correct / images - number(&split["accuracy_percent"])).abs() < 1e-9,
+                "{name}: accuracy from the bins"
+            );
             for key in ["ace_percent", "mce_percent", "nll", "brier", "aurc_percent"] {
                 assert!(number(&split[key]).is_finite() && number(&split[key]) >= 0.0, "{name}: {key}");
             }
@@ -106,11 +109,21 @@ fn eval_report_on_the_test_bundle_is_complete_and_consistent() {
     build_cache(&bundle_dir(), &fixture("classes.txt"), &fixture("base.txt"), &cache);
     let out = dir.path().join("report");
     let output = cac_edge(&[
-        "eval", "--device", "cpu", "--threads", "1", "--bins", "10",
-        "--bundle", bundle_dir().to_str().unwrap(),
-        "--cache", cache.to_str().unwrap(),
-        "--images", photo_set(dir.path()).to_str().unwrap(),
-        "--out", out.to_str().unwrap(),
+        "eval",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--bins",
+        "10",
+        "--bundle",
+        bundle_dir().to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--images",
+        photo_set(dir.path()).to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "a bad image makes the exit code 1: {stderr}");
@@ -124,12 +137,17 @@ fn eval_report_on_the_test_bundle_is_complete_and_consistent() {
     assert_eq!((images["base"].as_u64(), images["new"].as_u64()), (Some(4), Some(4)));
     assert!(images["failures"][0]["path"].as_str().unwrap().ends_with("truncated.jpg"));
     let names: Vec<&str> = report["calibrators"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["none", "dac", "cac-paper"], "no temperature to evaluate ts with, and the test bundle has no [calibration]");
+    assert_eq!(
+        names,
+        ["none", "dac", "cac-paper"],
+        "no temperature to evaluate ts with, and the test bundle has no [calibration]"
+    );
     assert!(report["notes"][0].as_str().unwrap().contains("ts not evaluated"));
     assert_eq!(report["default_calibrator"], "cac-paper");
 
     let markdown = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
-    for needle in ["## base classes", "## new classes", "## all classes", "reliability.png", "risk-coverage-new.png", "cac-paper"] {
+    for needle in ["## base classes", "## new classes", "## all classes", "reliability.png", "risk-coverage-new.png", "cac-paper"]
+    {
         assert!(markdown.contains(needle), "REPORT.md lacks {needle}");
     }
     for file in ["reliability", "risk-coverage-base", "risk-coverage-new", "risk-coverage-all"] {
@@ -146,15 +164,25 @@ fn eval_fits_on_base_validation_stores_features_and_hands_its_threshold_to_class
     let out = dir.path().join("report");
     let args = |out: &Path| {
         vec![
-            "eval".to_string(), "--device".into(), "cpu".into(),
-            "--bundle".into(), demo().display().to_string(),
-            "--cache".into(), cache.display().to_string(),
-            "--images".into(), demo().join("images/labels.csv").display().to_string(),
+            "eval".to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "--bundle".into(),
+            demo().display().to_string(),
+            "--cache".into(),
+            cache.display().to_string(),
+            "--images".into(),
+            demo().join("images/labels.csv").display().to_string(),
             // The sample images' CSV as the fitting set: only its base-class rows may be used.
-            "--fit-images".into(), demo().join("images/validation.csv").display().to_string(),
-            "--fit-cac".into(), "--write-threshold".into(), "--write-temperature".into(),
-            "--target-precision".into(), "0.9".into(),
-            "--out".into(), out.display().to_string(),
+            "--fit-images".into(),
+            demo().join("images/validation.csv").display().to_string(),
+            "--fit-cac".into(),
+            "--write-threshold".into(),
+            "--write-temperature".into(),
+            "--target-precision".into(),
+            "0.9".into(),
+            "--out".into(),
+            out.display().to_string(),
         ]
     };
     let run = |out: &Path| {
@@ -243,9 +271,19 @@ fn eval_refuses_fitting_without_base_images_and_unknown_labels() {
     std::fs::write(&unknown, format!("{},zebra\n", fixture("images/photos/astronaut.png").display())).unwrap();
     let eval = |images: &Path, fit: &Path| {
         cac_edge(&[
-            "eval", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", cache.to_str().unwrap(),
-            "--images", images.to_str().unwrap(), "--fit-images", fit.to_str().unwrap(),
-            "--out", dir.path().join("out").to_str().unwrap(),
+            "eval",
+            "--device",
+            "cpu",
+            "--bundle",
+            bundle_dir().to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--fit-images",
+            fit.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
         ])
     };
     let output = eval(&new_only, &new_only);

@@ -182,7 +182,11 @@ fn touch(path: &Path) {
 }
 
 fn skipped_reason<'a>(skipped: &'a [(PathBuf, SkipReason)], path: &Path) -> &'a SkipReason {
-    &skipped.iter().find(|(skipped, _)| skipped == path).unwrap_or_else(|| panic!("{} not skipped: {skipped:?}", path.display())).1
+    &skipped
+        .iter()
+        .find(|(skipped, _)| skipped == path)
+        .unwrap_or_else(|| panic!("{} not skipped: {skipped:?}", path.display()))
+        .1
 }
 
 #[test]

@@ -34,13 +34,25 @@ fn caches_are_written_with_the_umask_not_0600() {
     std::fs::write(&stale, vec![0u8; 4096]).unwrap();
     for (mask, expected) in [("022", 0o644), ("027", 0o640)] {
         let cache = dir.path().join(format!("cache-{mask}.safetensors"));
-        let output = with_umask(mask, &[
-            "cache", "build", "--device", "cpu", "--threads", "1",
-            "--bundle", bundle_dir().to_str().unwrap(),
-            "--classes", fixture("classes.txt").to_str().unwrap(),
-            "--base", fixture("base.txt").to_str().unwrap(),
-            "--output", cache.to_str().unwrap(),
-        ]);
+        let output = with_umask(
+            mask,
+            &[
+                "cache",
+                "build",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--bundle",
+                bundle_dir().to_str().unwrap(),
+                "--classes",
+                fixture("classes.txt").to_str().unwrap(),
+                "--base",
+                fixture("base.txt").to_str().unwrap(),
+                "--output",
+                cache.to_str().unwrap(),
+            ],
+        );
         assert!(output.status.success(), "{}", text(&output.stderr));
         assert_eq!(mode(&cache), expected, "umask {mask}: mode {:o}", mode(&cache));
     }
@@ -65,7 +77,13 @@ fn a_missing_cache_says_how_to_build_it() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("never-built.safetensors");
     let output = cac_edge(&[
-        "classify", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", cache.to_str().unwrap(),
+        "classify",
+        "--device",
+        "cpu",
+        "--bundle",
+        bundle_dir().to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
         fixture("images/photos/chelsea.png").to_str().unwrap(),
     ]);
     let stderr = text(&output.stderr);
@@ -133,7 +151,16 @@ fn no_image_found_is_exit_1_with_a_message() {
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("notes.txt"), "not an image").unwrap();
-    let output = cac_edge(&["classify", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache, empty.to_str().unwrap()]);
+    let output = cac_edge(&[
+        "classify",
+        "--device",
+        "cpu",
+        "--bundle",
+        bundle_dir().to_str().unwrap(),
+        "--cache",
+        &cache,
+        empty.to_str().unwrap(),
+    ]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no image files found") && stderr.contains("empty"), "{stderr}");

@@ -9,9 +9,9 @@ use cac_edge::bundle::Bundle;
 use cac_edge::cache::{CacheError, CacheOpenOptions, TextFeatureCache};
 use cac_edge::calibrate::{calibrate, CacParams, Calibration};
 use cac_edge::encode::{EncodeError, Encoder};
-use cac_edge::{Classifier, ClassifierOptions, Error as PipelineError};
 use cac_edge::preprocess::{decode_file, DecodeLimits};
 use cac_edge::tokenize::ClipTokenizer;
+use cac_edge::{Classifier, ClassifierOptions, Error as PipelineError};
 use common::*;
 use ndarray::{Array2, Ix2, Ix4};
 
@@ -74,7 +74,9 @@ fn class_prompts_tokenize_like_open_clip() {
     let bundle = Bundle::open(&bundle_dir()).unwrap();
     let tokenizer = ClipTokenizer::from_file(&bundle.tokenizer_path(), bundle.context_length()).unwrap();
     let classes = class_list();
-    for (template, key) in [(&bundle.manifest().zero_shot.template, "input_ids_zs"), (&bundle.manifest().fine_tuned.template, "input_ids_ft")] {
+    for (template, key) in
+        [(&bundle.manifest().zero_shot.template, "input_ids_zs"), (&bundle.manifest().fine_tuned.template, "input_ids_ft")]
+    {
         let expected = reference.i64(key).into_dimensionality::<Ix2>().unwrap();
         let prompts: Vec<String> = classes.names.iter().map(|name| template.replacen("{}", name, 1)).collect();
         let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
@@ -117,7 +119,8 @@ fn cache_holds_pytorch_text_features_and_classifier_reproduces_logits() {
     let method = Calibration::Cac(CacParams::paper_defaults());
     assert_eq!(classifier.calibration(), &method);
     for (image, prediction) in predictions.iter().enumerate() {
-        let reference = calibrate(&method, &expected_ft.row(image).to_vec(), &expected_zs.row(image).to_vec(), cache.dac_factors()).unwrap();
+        let reference =
+            calibrate(&method, &expected_ft.row(image).to_vec(), &expected_zs.row(image).to_vec(), cache.dac_factors()).unwrap();
         assert_eq!(prediction.class, reference.predicted, "image {image}");
         assert_eq!(prediction.label, cache.class_names()[reference.predicted]);
         assert!((prediction.confidence - reference.probabilities[reference.predicted]).abs() < 1e-3, "image {image}");
@@ -144,7 +147,8 @@ fn separate_fine_tuned_image_encoder_gives_the_same_logits_as_the_shared_one() {
     });
     let separate_cache = build_test_cache(&separate, separate_dir.path());
     let reference = Reference::load();
-    let frames: Vec<_> = photos(&reference).iter().take(3).map(|path| decode_file(path, &DecodeLimits::default()).unwrap()).collect();
+    let frames: Vec<_> =
+        photos(&reference).iter().take(3).map(|path| decode_file(path, &DecodeLimits::default()).unwrap()).collect();
     let fused = Classifier::open(&runtime(), &bundle_dir(), &shared_cache, options()).unwrap().logits(&frames).unwrap();
     let two = Classifier::open(&runtime(), &separate, &separate_cache, options()).unwrap().logits(&frames).unwrap();
     assert!(max_abs_diff(&fused.fine_tuned, &two.fine_tuned) < 1e-4);
@@ -161,7 +165,10 @@ fn stale_caches_are_refused() {
     changed.names.swap(0, 1);
     let options_with_classes = ClassifierOptions { expected_classes: Some(changed), ..options() };
     let error = Classifier::open(&runtime(), &bundle_dir(), &cache_path, options_with_classes).err().expect("stale class list");
-    assert!(matches!(&error, PipelineError::Cache(cache_error @ CacheError::Stale { .. }) if cache_error.is_fixed_by_rebuilding()), "{error}");
+    assert!(
+        matches!(&error, PipelineError::Cache(cache_error @ CacheError::Stale { .. }) if cache_error.is_fixed_by_rebuilding()),
+        "{error}"
+    );
     assert!(error.to_string().contains("different class list"), "{error}");
 
     // The bundle changed (another prompt template) since the cache was built.
@@ -179,7 +186,7 @@ fn damaged_caches_are_refused_with_a_rebuild_hint() {
     let open = |name: &str, content: &[u8]| {
         let path = dir.path().join(name);
         std::fs::write(&path, content).unwrap();
-        TextFeatureCache::open(&path, CacheOpenOptions::default()).err().expect(name)
+        TextFeatureCache::open(&path, CacheOpenOptions::default()).expect_err(name)
     };
 
     let truncated = open("truncated.safetensors", &bytes[..bytes.len() - 100]);
@@ -200,7 +207,7 @@ fn damaged_caches_are_refused_with_a_rebuild_hint() {
 
     let empty = open("empty.safetensors", b"");
     assert!(matches!(empty, CacheError::Invalid { .. }), "{empty}");
-    let missing = TextFeatureCache::open(&dir.path().join("none.safetensors"), CacheOpenOptions::default()).err().expect("missing");
+    let missing = TextFeatureCache::open(&dir.path().join("none.safetensors"), CacheOpenOptions::default()).expect_err("missing");
     assert!(matches!(missing, CacheError::Missing { .. }), "{missing}");
     // The library says what is wrong and that a rebuild fixes it; the binary names the command
     // (tests/manners.rs).
@@ -214,7 +221,7 @@ fn damaged_caches_are_refused_with_a_rebuild_hint() {
 fn a_graph_with_the_wrong_input_name_is_refused() {
     // The text encoder takes input_ids, not pixel_values: a real graph breaking the contract.
     let bundle = Bundle::open(&bundle_dir()).unwrap();
-    let error = Encoder::open_image(&runtime(), &bundle.text_zs_path(), &cpu(), 224, 64).err().expect("contract");
+    let error = Encoder::open_image(&runtime(), &bundle.text_zs_path(), &cpu(), 224, 64).expect_err("contract");
     assert!(matches!(error, EncodeError::Contract { .. }), "{error}");
     let message = error.to_string();
     assert!(message.contains("pixel_values") && message.contains("input_ids") && message.contains("text_zs.onnx"), "{message}");

@@ -32,11 +32,7 @@ fn bad(name: &str) -> PathBuf {
 /// as torchvision does, in f32: (k / 255 - mean) / std.
 fn normalised_reference(levels: &[u8], cfg: &PreprocessConfig) -> Vec<f32> {
     let plane = SIDE * SIDE;
-    levels
-        .iter()
-        .enumerate()
-        .map(|(i, &k)| (f32::from(k) / 255.0 - cfg.mean[i / plane]) / cfg.std[i / plane])
-        .collect()
+    levels.iter().enumerate().map(|(i, &k)| (f32::from(k) / 255.0 - cfg.mean[i / plane]) / cfg.std[i / plane]).collect()
 }
 
 /// (max, mean) |Δ| in grey levels over the three planes.

@@ -34,15 +34,13 @@ fn fixture_dir() -> PathBuf {
 
 /// `CAC_TOKENIZER_CASES=/path/cases.json` runs a larger, locally generated set instead.
 fn load_cases() -> Cases {
-    let path = std::env::var_os("CAC_TOKENIZER_CASES")
-        .map_or_else(|| fixture_dir().join("cases.json"), PathBuf::from);
+    let path = std::env::var_os("CAC_TOKENIZER_CASES").map_or_else(|| fixture_dir().join("cases.json"), PathBuf::from);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn tokenizer(context_length: usize) -> ClipTokenizer {
-    ClipTokenizer::from_file(&fixture_dir().join("tokenizer.json"), context_length)
-        .unwrap_or_else(|e| panic!("{e}"))
+    ClipTokenizer::from_file(&fixture_dir().join("tokenizer.json"), context_length).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -52,12 +50,8 @@ fn matches_open_clip_on_every_case() {
     let mut tokenizers = BTreeMap::new();
     let mut failures = Vec::new();
     for case in &cases.cases {
-        let tokenizer = tokenizers
-            .entry(case.context_length)
-            .or_insert_with(|| tokenizer(case.context_length));
-        let ids = tokenizer
-            .encode(&case.text)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let tokenizer = tokenizers.entry(case.context_length).or_insert_with(|| tokenizer(case.context_length));
+        let ids = tokenizer.encode(&case.text).unwrap_or_else(|e| panic!("{e}"));
         if ids != case.ids {
             failures.push(format!(
                 "text {:?} (context {}):\n  open_clip: {:?}\n  cac-edge:  {:?}",
@@ -66,29 +60,13 @@ fn matches_open_clip_on_every_case() {
         }
     }
     for known in &cases.known_differences {
-        let tokenizer = tokenizers
-            .entry(known.context_length)
-            .or_insert_with(|| tokenizer(known.context_length));
-        let matches = tokenizer
-            .encode(&known.text)
-            .is_ok_and(|ids| ids == known.ids);
+        let tokenizer = tokenizers.entry(known.context_length).or_insert_with(|| tokenizer(known.context_length));
+        let matches = tokenizer.encode(&known.text).is_ok_and(|ids| ids == known.ids);
         let status = if matches { "now matches" } else { "differs" };
-        println!(
-            "not asserted ({status}): {:?}: {}",
-            known.text, known.reason
-        );
+        println!("not asserted ({status}): {:?}: {}", known.text, known.reason);
     }
-    println!(
-        "{} of {} cases match open_clip",
-        cases.cases.len() - failures.len(),
-        cases.cases.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    println!("{} of {} cases match open_clip", cases.cases.len() - failures.len(), cases.cases.len());
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -107,16 +85,11 @@ fn batch_rows_equal_single_encodings() {
 fn special_ids_and_truncation() {
     let tokenizer = tokenizer(8);
     assert_eq!(tokenizer.context_length(), 8);
-    let ids = tokenizer
-        .encode("one two three four five six seven eight nine")
-        .unwrap();
+    let ids = tokenizer.encode("one two three four five six seven eight nine").unwrap();
     assert_eq!(ids.len(), 8);
     assert_eq!(ids[0], START_OF_TEXT);
     assert_eq!(ids[7], END_OF_TEXT);
-    assert_eq!(
-        tokenizer.encode("").unwrap(),
-        [START_OF_TEXT, END_OF_TEXT, 0, 0, 0, 0, 0, 0]
-    );
+    assert_eq!(tokenizer.encode("").unwrap(), [START_OF_TEXT, END_OF_TEXT, 0, 0, 0, 0, 0, 0]);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Shared by the benches and `examples/cache_rss.rs` (which includes this file by path):
 //! deterministic random features (a tiny xorshift, no `rand` dependency) and a synthetic
 //! text-feature cache written with the crate's own [`write_cache`].
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each bench uses its own subset of these helpers")]
 
 use std::path::Path;
 

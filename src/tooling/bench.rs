@@ -404,8 +404,7 @@ pub fn run_bench(
     };
     progress("opening the bundle, the cache and one classifier per calibration");
     let first = open(CALIBRATIONS[0], None, true)?;
-    let stored_temperature =
-        first.cache().stored_temperature();
+    let stored_temperature = first.cache().stored_temperature();
     let mut classifiers = vec![first];
     let mut ts_temperature_source = "cache";
     for method in &CALIBRATIONS[1..] {
@@ -601,8 +600,8 @@ fn run_variant(
             Variant::Stream(_) => {}
             Variant::Decode => {
                 for path in &set.paths[batch] {
-                    let frame = decode_file(path, limits)
-                        .map_err(|error| BenchError::Setup(format!("{}: {error}", path.display())))?;
+                    let frame =
+                        decode_file(path, limits).map_err(|error| BenchError::Setup(format!("{}: {error}", path.display())))?;
                     black_box(frame);
                 }
             }
@@ -615,7 +614,11 @@ fn run_variant(
             Variant::Calibrate(method) => {
                 let logits = &set.logits[batch];
                 for (fine_tuned, zero_shot) in logits.fine_tuned.outer_iter().zip(logits.zero_shot.outer_iter()) {
-                    black_box(classifiers[method].predict(&row_slice(fine_tuned), &row_slice(zero_shot)).map_err(BenchError::Pipeline)?);
+                    black_box(
+                        classifiers[method]
+                            .predict(&row_slice(fine_tuned), &row_slice(zero_shot))
+                            .map_err(BenchError::Pipeline)?,
+                    );
                 }
             }
         }
@@ -643,8 +646,6 @@ fn classify(classifier: &mut Classifier, paths: &[PathBuf]) -> Result<(), BenchE
         None => Ok(()),
     }
 }
-
-
 
 fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool) -> BatchResult {
     let timing = |variant: Variant| {
@@ -682,9 +683,8 @@ fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool)
         pipeline: PipelineTimings { none, cac, dac, ts },
         stream,
         breakdown,
-        samples: keep_samples.then(|| {
-            all_variants.iter().zip(&set.samples).map(|(variant, samples)| (variant.name(), samples.clone())).collect()
-        }),
+        samples: keep_samples
+            .then(|| all_variants.iter().zip(&set.samples).map(|(variant, samples)| (variant.name(), samples.clone())).collect()),
     }
 }
 

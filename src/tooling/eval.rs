@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::calibrate::{calibrate, CacParams, Calibration, CalibrationError, ContrastDistance};
 use crate::calibrate::{logit_contrast, probability_contrast};
-use crate::tooling::metrics::{self, ReliabilityBin, RiskCoveragePoint};
 use crate::pipeline::row_slice;
+use crate::tooling::metrics::{self, ReliabilityBin, RiskCoveragePoint};
 
 /// Why an evaluation or a fit could not be computed.
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +118,12 @@ struct Outputs {
 
 fn calibrated_outputs(calibration: &Calibration, data: &EvalData<'_>) -> Result<Outputs, EvalError> {
     let classes = data.fine_tuned.ncols();
-    let mut outputs =
-        Outputs { predicted: Vec::new(), confidences: Vec::new(), probabilities: Vec::with_capacity(data.labels.len() * classes), classes };
+    let mut outputs = Outputs {
+        predicted: Vec::new(),
+        confidences: Vec::new(),
+        probabilities: Vec::with_capacity(data.labels.len() * classes),
+        classes,
+    };
     for (fine_tuned, zero_shot) in data.fine_tuned.outer_iter().zip(data.zero_shot.outer_iter()) {
         let calibrated = calibrate(calibration, &row_slice(fine_tuned), &row_slice(zero_shot), data.dac_factors)?;
         outputs.predicted.push(calibrated.predicted);
@@ -222,7 +226,8 @@ pub fn evaluate(
                     (!rows.is_empty()).then(|| split_report(split, &rows, &outputs, data.labels, bins, target))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let accuracy_of = |split| splits.iter().find(|report: &&SplitReport| report.split == split).map(|r| r.accuracy_percent);
+            let accuracy_of =
+                |split| splits.iter().find(|report: &&SplitReport| report.split == split).map(|r| r.accuracy_percent);
             let harmonic_mean_accuracy_percent = match (accuracy_of(Split::Base), accuracy_of(Split::New)) {
                 (Some(base), Some(new)) if base + new > 0.0 => 2.0 * base * new / (base + new),
                 _ => 0.0,

@@ -124,7 +124,8 @@ fn write_reliability(dir: &Path, report: &EvalReport) -> Result<Vec<PathBuf>, Re
     let mut rows = 0;
     let mut bins_of = Vec::new();
     for split in Split::ALL {
-        let splits: Vec<_> = report.calibrators.iter().filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator, s))).collect();
+        let splits: Vec<_> =
+            report.calibrators.iter().filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator, s))).collect();
         if splits.is_empty() {
             continue;
         }
@@ -153,7 +154,9 @@ fn write_risk_coverage(dir: &Path, report: &EvalReport, split: Split) -> Result<
     let curves: Vec<(&str, &[crate::tooling::metrics::RiskCoveragePoint])> = report
         .calibrators
         .iter()
-        .filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator.calibrator.name.as_str(), s.risk_coverage.as_slice())))
+        .filter_map(|calibrator| {
+            calibrator.split(split).map(|s| (calibrator.calibrator.name.as_str(), s.risk_coverage.as_slice()))
+        })
         .collect();
     if curves.is_empty() {
         return Ok(Vec::new());
@@ -184,7 +187,8 @@ fn markdown_page(report: &EvalReport) -> String {
         images.failures.len()
     );
     let _ = writeln!(page, "- {} equal-width bins, right-closed (lo, hi]; ACE uses {} equal-mass bins", report.bins, report.bins);
-    let _ = writeln!(page, "- thresholds: the smallest reaching {} (accept when confidence ≥ threshold)", target_text(report.target));
+    let _ =
+        writeln!(page, "- thresholds: the smallest reaching {} (accept when confidence ≥ threshold)", target_text(report.target));
     let _ = writeln!(page, "- the calibration `classify` uses with these options: **{}**", report.default_calibrator);
     if let Some(fit) = &report.fit {
         let _ = writeln!(
@@ -249,10 +253,12 @@ fn markdown_page(report: &EvalReport) -> String {
 }
 
 fn split_table(page: &mut String, report: &EvalReport, split: Split) {
-    let rows: Vec<_> = report.calibrators.iter().filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator, s))).collect();
+    let rows: Vec<_> =
+        report.calibrators.iter().filter_map(|calibrator| calibrator.split(split).map(|s| (calibrator, s))).collect();
     let Some((_, first)) = rows.first() else { return };
     let _ = writeln!(page, "## {} classes ({} images, accuracy {:.2} %)\n", split.name(), first.images, first.accuracy_percent);
-    let _ = writeln!(page, "| calibrator | ECE % | ACE % | MCE % | NLL | Brier | AURC % | threshold | coverage % | precision % |");
+    let _ =
+        writeln!(page, "| calibrator | ECE % | ACE % | MCE % | NLL | Brier | AURC % | threshold | coverage % | precision % |");
     let _ = writeln!(page, "|---|---|---|---|---|---|---|---|---|---|");
     for (calibrator, numbers) in rows {
         let threshold = numbers.threshold.map_or_else(

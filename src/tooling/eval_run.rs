@@ -146,7 +146,8 @@ pub fn run_eval(
         return Err(EvalError::Input(format!("a threshold target is a fraction in (0, 1], got {target}")).into());
     }
     // The calibrators are resolved here, after fitting; the classifier only encodes.
-    let options = ClassifierOptions { calibration: CalibrationSettings::method(CalibrationMethod::None), ..request.classifier.clone() };
+    let options =
+        ClassifierOptions { calibration: CalibrationSettings::method(CalibrationMethod::None), ..request.classifier.clone() };
     let mut classifier = Classifier::open(runtime, request.bundle, request.cache, options)?;
     let evaluated = encode_set(&mut classifier, request.cache, request.images, &mut progress)?;
     let fitting = request.fit_images.map(|path| encode_set(&mut classifier, request.cache, path, &mut progress)).transpose()?;
@@ -304,15 +305,23 @@ fn calibrators(
 ) -> Vec<Calibrator> {
     let named = |name: &str, calibration, origin: String| Calibrator { name: name.into(), calibration, origin };
     let mut list = vec![named("none", Calibration::None, "uncalibrated softmax of the fine-tuned logits".into())];
-    let fitted = fit.and_then(|fit| fit.temperature.map(|t| (t.temperature, format!("fitted on {} base validation images", fit.base_images))));
+    let fitted = fit.and_then(|fit| {
+        fit.temperature.map(|t| (t.temperature, format!("fitted on {} base validation images", fit.base_images)))
+    });
     let given = request.calibration.temperature.map(|t| (t, "given".to_string()));
     let stored = stored_temperature.map(|t| (t, format!("stored in {}", request.cache.display())));
     match given.or(fitted).or(stored) {
-        Some((temperature, origin)) => list.push(named("ts", Calibration::Ts { temperature }, format!("T = {temperature:.4}, {origin}"))),
+        Some((temperature, origin)) => {
+            list.push(named("ts", Calibration::Ts { temperature }, format!("T = {temperature:.4}, {origin}")))
+        }
         None => notes.push("ts not evaluated: no temperature (fit one on base validation images)".into()),
     }
     list.push(named("dac", Calibration::Dac, "per-class factors from the cache (Wang et al., 2024)".into()));
-    list.push(named("cac-paper", Calibration::Cac(CacParams::paper_defaults()), "paper defaults: α 1.10, k 15, logit contrast".into()));
+    list.push(named(
+        "cac-paper",
+        Calibration::Cac(CacParams::paper_defaults()),
+        "paper defaults: α 1.10, k 15, logit contrast".into(),
+    ));
     if let Some(params) = bundle_cac(classifier) {
         list.push(named("cac-bundle", Calibration::Cac(params), "the bundle's [calibration]".into()));
     }
@@ -351,4 +360,3 @@ fn image_summary(evaluated: &EncodedSet, data: &EvalData<'_>) -> ImageSetSummary
         failures: evaluated.failures(),
     }
 }
-

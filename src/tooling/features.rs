@@ -117,7 +117,9 @@ pub fn compute(classifier: &mut Classifier, paths: &[PathBuf], mut progress: imp
                 }
                 encoded.extend(decoded);
             }
-            Err(error) => failures.extend(decoded.into_iter().map(|index| (index, format!("{}: {error}", paths[index].display())))),
+            Err(error) => {
+                failures.extend(decoded.into_iter().map(|index| (index, format!("{}: {error}", paths[index].display()))))
+            }
         }
         progress(first + chunk.len());
     }
@@ -174,8 +176,8 @@ pub fn load(path: &Path) -> Result<Option<StoredFeatures>, FeatureStoreError> {
     {
         return Err(invalid("unknown format or version".into()));
     }
-    let failures: Vec<(usize, String)> =
-        serde_json::from_str(metadata.get("failures").map(String::as_str).unwrap_or("[]")).map_err(|error| invalid(error.to_string()))?;
+    let failures: Vec<(usize, String)> = serde_json::from_str(metadata.get("failures").map(String::as_str).unwrap_or("[]"))
+        .map_err(|error| invalid(error.to_string()))?;
     let encoded_view = tensors.tensor(ENCODED).map_err(|error| invalid(error.to_string()))?;
     let encoded: Vec<usize> = encoded_view
         .data()
@@ -209,7 +211,10 @@ mod tests {
         assert!(path.ends_with("demo.safetensors.features/abababababababababababababababab.safetensors"));
         assert_eq!(load(&path).unwrap(), None);
         let features = StoredFeatures {
-            embeddings: ImageEmbeddings { zero_shot: array![[1.0f32, 0.0], [0.6, 0.8]], fine_tuned: Some(array![[0.0f32, 1.0], [0.8, 0.6]]) },
+            embeddings: ImageEmbeddings {
+                zero_shot: array![[1.0f32, 0.0], [0.6, 0.8]],
+                fine_tuned: Some(array![[0.0f32, 1.0], [0.8, 0.6]]),
+            },
             encoded: vec![0, 2],
             failures: vec![(1, "b.jpg: truncated".into())],
         };

@@ -180,11 +180,8 @@ fn table_from_edges(confidences: &[f64], correct: &[bool], uppers: &[f64]) -> Ve
     (0..uppers.len())
         .map(|bin| {
             let count = counts[bin];
-            let (mean_confidence, accuracy) = if count == 0 {
-                (0.0, 0.0)
-            } else {
-                (confidence_sums[bin] / count as f64, right[bin] as f64 / count as f64)
-            };
+            let (mean_confidence, accuracy) =
+                if count == 0 { (0.0, 0.0) } else { (confidence_sums[bin] / count as f64, right[bin] as f64 / count as f64) };
             let lower = if bin == 0 { 0.0 } else { uppers[bin - 1] };
             ReliabilityBin { lower, upper: uppers[bin], count, mean_confidence, accuracy }
         })
@@ -487,10 +484,7 @@ mod tests {
         assert_eq!(brier_score(&probabilities, 3, &[0, 0]), Err(mismatch));
         assert_eq!(negative_log_likelihood(&probabilities, 0, &[0, 0]), Err(ZeroClasses));
         assert_eq!(negative_log_likelihood(&[], 2, &[]), Err(Empty));
-        assert_eq!(
-            brier_score(&[0.5, 1.5], 2, &[0]),
-            Err(OutOfUnitInterval { what: "probability", index: 1, value: 1.5 })
-        );
+        assert_eq!(brier_score(&[0.5, 1.5], 2, &[0]), Err(OutOfUnitInterval { what: "probability", index: 1, value: 1.5 }));
         assert!(matches!(negative_log_likelihood(&[f64::NAN, 0.5], 2, &[0]), Err(OutOfUnitInterval { index: 0, .. })));
         assert_eq!(top_label(&[0.5, 0.5, 0.2], 2), Err(LengthMismatch { what: "probabilities", expected: 4, found: 3 }));
         assert_eq!(top_label(&[0.5], 0), Err(ZeroClasses));

@@ -8,8 +8,8 @@
 pub mod bench;
 pub mod dataset;
 pub mod eval;
-pub mod eval_run;
 pub mod eval_report;
+pub mod eval_run;
 pub mod features;
 pub mod metrics;
 pub mod plots;

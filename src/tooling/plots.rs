@@ -120,11 +120,7 @@ pub fn reliability_grid(
 /// Draws one risk–coverage chart: a line per `(name, curve)` (risk = error rate among the
 /// predictions kept, against the fraction kept), with a legend. Writes `<stem>.png` and
 /// `<stem>.svg` and returns both paths.
-pub fn risk_coverage(
-    stem: &Path,
-    title: &str,
-    curves: &[(&str, &[RiskCoveragePoint])],
-) -> Result<Vec<PathBuf>, PlotError> {
+pub fn risk_coverage(stem: &Path, title: &str, curves: &[(&str, &[RiskCoveragePoint])]) -> Result<Vec<PathBuf>, PlotError> {
     if curves.is_empty() {
         let message = "no risk–coverage curves".to_string();
         return Err(PlotError::Invalid { path: with_suffix(stem, ".png"), message });
@@ -260,8 +256,7 @@ fn write_figure(stem: &Path, figure: &impl Figure) -> Result<Vec<PathBuf>, PlotE
         figure.draw(&root, Px(factor)).map_err(draw_failed(&png_path))?;
         root.present().map_err(|error| draw_failed(&png_path)(draw_error(error)))?;
     }
-    let pixels =
-        if factor == 1 { large } else { downsample(&large, width as usize, height as usize, factor as usize) };
+    let pixels = if factor == 1 { large } else { downsample(&large, width as usize, height as usize, factor as usize) };
     let mut png = Vec::new();
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(&pixels, width, height, image::ExtendedColorType::Rgb8)
@@ -419,16 +414,11 @@ fn thousands(count: usize) -> String {
     grouped
 }
 
-fn draw_panel<DB: DrawingBackend>(
-    cell: &DrawingArea<DB, Shift>,
-    panel: &ReliabilityPanel<'_>,
-    px: Px,
-) -> Result<(), String> {
+fn draw_panel<DB: DrawingBackend>(cell: &DrawingArea<DB, Shift>, panel: &ReliabilityPanel<'_>, px: Px) -> Result<(), String> {
     let cell = cell.margin(px.n(4), px.n(6), px.n(6), px.n(10));
     let (_, cell_height) = cell.dim_in_pixel();
     let (top, bottom) = cell.split_vertically(cell_height * 73 / 100);
-    let caption =
-        format!("{} — ECE {} · n = {}", panel.title, percent_text(panel.ece_percent), thousands(panel.samples));
+    let caption = format!("{} — ECE {} · n = {}", panel.title, percent_text(panel.ece_percent), thousands(panel.samples));
 
     let mut chart = ChartBuilder::on(&top)
         .caption(caption, px.text(15, &TEXT_COLOUR))
@@ -460,9 +450,11 @@ fn draw_panel<DB: DrawingBackend>(
         }))
         .map_err(draw_error)?;
     chart
-        .draw_series(bins.iter().map(|&(lower, upper, bin)| {
-            Rectangle::new([(lower, 0.0), (upper, unit(bin.accuracy))], px.stroke(ACCURACY_EDGE, 1))
-        }))
+        .draw_series(
+            bins.iter().map(|&(lower, upper, bin)| {
+                Rectangle::new([(lower, 0.0), (upper, unit(bin.accuracy))], px.stroke(ACCURACY_EDGE, 1))
+            }),
+        )
         .map_err(draw_error)?;
     let gaps = || bins.iter().filter(|(_, _, bin)| bin.mean_confidence.is_finite());
     chart
@@ -553,9 +545,12 @@ fn draw_count_strip<DB: DrawingBackend>(
         .map_err(draw_error)?;
     let style = px.text(size, &TEXT_COLOUR).pos(Pos::new(HPos::Center, VPos::Bottom));
     strip
-        .draw_series(labels.into_iter().enumerate().map(|(index, (lower, upper, label))| {
-            Text::new(label, ((lower + upper) / 2.0, rows[index % 2]), style.clone())
-        }))
+        .draw_series(
+            labels
+                .into_iter()
+                .enumerate()
+                .map(|(index, (lower, upper, label))| Text::new(label, ((lower + upper) / 2.0, rows[index % 2]), style.clone())),
+        )
         .map_err(draw_error)?;
     Ok(())
 }
@@ -726,14 +721,10 @@ mod tests {
                 samples: bins.iter().map(|bin| bin.count).sum(),
             })
             .collect();
-        let grid = reliability_grid(&dir.join("reliability"), "Reliability (15 bins): ViT-B-32", 3, 4, &panels)
-            .expect("grid is drawn");
-        let curves: Vec<(&str, Vec<RiskCoveragePoint>)> = vec![
-            ("none", curve(0.42, 5000)),
-            ("ts", curve(0.40, 200)),
-            ("dac", curve(0.39, 50)),
-            ("cac", curve(0.35, 12)),
-        ];
+        let grid =
+            reliability_grid(&dir.join("reliability"), "Reliability (15 bins): ViT-B-32", 3, 4, &panels).expect("grid is drawn");
+        let curves: Vec<(&str, Vec<RiskCoveragePoint>)> =
+            vec![("none", curve(0.42, 5000)), ("ts", curve(0.40, 200)), ("dac", curve(0.39, 50)), ("cac", curve(0.35, 12))];
         let borrowed: Vec<(&str, &[RiskCoveragePoint])> =
             curves.iter().map(|(name, points)| (*name, points.as_slice())).collect();
         let chart = risk_coverage(&dir.join("risk-coverage-new"), "Risk–coverage, new classes", &borrowed)
@@ -775,13 +766,11 @@ mod tests {
         let texts = svg_texts(&svg);
         assert!(texts.contains(&"cac") && texts.contains(&"none"), "legend entries missing: {texts:?}");
         // No temporary files are left behind.
-        let names: Vec<_> =
-            std::fs::read_dir(dir.path()).expect("list").map(|entry| entry.expect("entry").file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("list").map(|entry| entry.expect("entry").file_name()).collect();
         assert_eq!(names.len(), 4, "{names:?}");
 
         // Drawing again (font already registered) works and overwrites.
         draw_samples(dir.path());
-
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: fixture paths, the PyTorch reference tensors, and
 //! a text-feature cache built from the committed test bundle.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses its own subset of these helpers")]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -126,11 +126,20 @@ pub fn text(bytes: &[u8]) -> String {
 /// `cac-edge cache build` of `bundle` and a class list into `output`, on the CPU.
 pub fn cache_build_cli(bundle: &Path, classes: &Path, base: &Path, output: &Path) -> Output {
     cac_edge(&[
-        "cache", "build", "--device", "cpu", "--threads", "1",
-        "--bundle", bundle.to_str().unwrap(),
-        "--classes", classes.to_str().unwrap(),
-        "--base", base.to_str().unwrap(),
-        "--output", output.to_str().unwrap(),
+        "cache",
+        "build",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
     ])
 }
 
