@@ -862,3 +862,19 @@ fn mutation_helpers_change_bytes_as_described() {
     assert_eq!(apply(&original, &[Mutation::Duplicate { from: At::Hot(0), to: At::Hot(6), len: 4 }]), [0, 1, 2, 3, 4, 5, 0, 1]);
     assert_eq!(apply(&[], &[Mutation::SetByte { at: At::Hot(0), value: 1 }]), Vec::<u8>::new());
 }
+
+#[test]
+fn manifest_with_a_non_finite_mean_is_refused_at_open() {
+    // Found by bundle_manifest_field_mutations: `mean = [0.5, nan, 0.5]` opened, and every
+    // image was then refused by preprocessing, one by one, after the encoders were loaded.
+    let bundle = ScratchBundle::new();
+    let original = String::from_utf8(fixture_manifest()).expect("UTF-8 fixture");
+    let line = original.lines().find(|line| line.starts_with("mean = ")).expect("fixture has a mean");
+    for mean in ["[0.5, nan, 0.5]", "[inf, 0.5, 0.5]", "[0.5, 0.5, -inf]"] {
+        let manifest = original.replace(line, &format!("mean = {mean}"));
+        match bundle.open_with_manifest(manifest.as_bytes()) {
+            Err(BundleError::ManifestInvalid { message, .. }) => assert!(message.contains("mean"), "{message}"),
+            other => panic!("mean {mean}: expected ManifestInvalid, got {:?}", other.map(|b| b.name().to_string())),
+        }
+    }
+}
