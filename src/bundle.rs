@@ -288,6 +288,9 @@ fn validate_manifest(manifest: &Manifest) -> Result<(), String> {
     if manifest.preprocess.std.iter().any(|value| !value.is_finite() || *value <= 0.0) {
         return Err("preprocess.std values must be positive".into());
     }
+    if manifest.preprocess.mean.iter().any(|value| !value.is_finite()) {
+        return Err("preprocess.mean values must be finite numbers".into());
+    }
     if manifest.zero_shot.image_encoder.is_none() {
         return Err("[zero_shot] must name image_encoder".into());
     }

@@ -112,7 +112,8 @@ impl Calibration {
     /// Checks the parameters (a positive temperature, valid CAC parameters).
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            Calibration::Ts { temperature } if !(temperature.is_finite() && *temperature > 0.0) => {
+            // 1/T must be finite too: a subnormal T makes the weight infinite.
+            Calibration::Ts { temperature } if !(temperature.is_finite() && *temperature > 0.0 && (1.0 / temperature).is_finite()) => {
                 Err(format!("temperature must be a positive number, got {temperature}"))
             }
             Calibration::Cac(params) => params.validate(),
@@ -354,10 +355,12 @@ pub fn probability_contrast(fine_tuned: &[f32], zero_shot: &[f32]) -> f64 {
 }
 
 /// softmax(scale · logits) in f64 via log-sum-exp (max subtracted first).
+///
+/// The max is subtracted before scaling (`scale > 0` keeps it the max): a large weight (TS with
+/// a tiny temperature) times large logits overflows to −∞ for every class, and −∞ − (−∞) is NaN.
 pub fn softmax(logits: &[f32], scale: f64) -> Vec<f64> {
-    let scaled: Vec<f64> = logits.iter().map(|&value| scale * f64::from(value)).collect();
-    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let exps: Vec<f64> = scaled.iter().map(|value| (value - max).exp()).collect();
+    let max = logits.iter().map(|&value| f64::from(value)).fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = logits.iter().map(|&value| (scale * (f64::from(value) - max)).exp()).collect();
     let total: f64 = exps.iter().sum();
     exps.into_iter().map(|value| value / total).collect()
 }
