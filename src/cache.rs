@@ -653,6 +653,14 @@ impl TextFeatureCache {
         bytemuck::try_cast_slice::<u8, f32>(&cache.mmap[cache.text_range.clone()])
             .and(bytemuck::try_cast_slice::<u8, f32>(&cache.mmap[cache.factors_range.clone()]))
             .map_err(|error| invalid(format!("misaligned f32 tensor: {error:?}")))?;
+        // A zero, negative or non-finite factor would silently invert or flatten DAC's
+        // probabilities; the checksum does not catch a crafted cache whose checksum was redone.
+        if let Some(class) = cache.dac_factors().iter().position(|factor| !(factor.is_finite() && *factor > 0.0)) {
+            return Err(invalid(format!(
+                "the DAC factor of class {class} is {}, not a positive number",
+                cache.dac_factors()[class]
+            )));
+        }
         Ok(cache)
     }
 
@@ -783,6 +791,31 @@ mod tests {
         std::fs::write(&classes_path, classes).unwrap();
         std::fs::write(&base_path, base).unwrap();
         ClassList::from_files(&classes_path, &base_path)
+    }
+
+    #[test]
+    fn a_cache_with_a_non_positive_dac_factor_is_refused() {
+        let classes = ClassList { names: vec!["cat".into(), "dog".into()], is_base: vec![true, false] };
+        let features = ndarray::Array2::<f32>::eye(4);
+        let dir = tempfile::tempdir().unwrap();
+        for (factors, refused) in [([1.0f32, 0.8], false), ([1.0, -0.5], true), ([f32::NAN, 1.0], true), ([1.0, 0.0], true)] {
+            let path = dir.path().join("c.safetensors");
+            let contents = CacheContents {
+                classes: &classes,
+                stacked_text: features.view(),
+                dac_factors: &factors,
+                logit_scale_zs: 100.0,
+                logit_scale_ft: 100.0,
+                source_hash: "test".into(),
+                bundle_name: "test",
+            };
+            write_cache(&path, &contents).unwrap();
+            match TextFeatureCache::open(&path, CacheOpenOptions::default()) {
+                Err(CacheError::Invalid { message, .. }) if refused => assert!(message.contains("DAC factor"), "{message}"),
+                Ok(_) if !refused => {}
+                other => panic!("{factors:?}: {:?}", other.map(|_| "opened")),
+            }
+        }
     }
 
     #[test]

@@ -113,7 +113,9 @@ impl Calibration {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             // 1/T must be finite too: a subnormal T makes the weight infinite.
-            Calibration::Ts { temperature } if !(temperature.is_finite() && *temperature > 0.0 && (1.0 / temperature).is_finite()) => {
+            Calibration::Ts { temperature }
+                if !(temperature.is_finite() && *temperature > 0.0 && (1.0 / temperature).is_finite()) =>
+            {
                 Err(format!("temperature must be a positive number, got {temperature}"))
             }
             Calibration::Cac(params) => params.validate(),
@@ -331,14 +333,17 @@ fn check_inputs(fine_tuned: &[f32], zero_shot: &[f32], dac_factors: &[f32]) -> R
     Ok(())
 }
 
-/// CAC's weight: w = α · exp(−d / k), with the optional advanced thresholds.
+/// CAC's weight: w = α · exp(−d / k), with the optional advanced thresholds. The weight is
+/// floored at the smallest positive normal f64, so it stays > 0 where `exp` underflows
+/// (d / k beyond ~745, e.g. a tiny k): the distribution is then uniform to double precision,
+/// which is the w → 0 limit, and the weight still says "scaled", never "zero".
 pub fn cac_weight(contrast: f64, params: &CacParams) -> f64 {
     let effective = match params.thresholds {
         Some((low, _)) if contrast < low => 0.0,
         Some((_, high)) if contrast > high => high,
         _ => contrast,
     };
-    params.alpha * (-effective / params.k).exp()
+    (params.alpha * (-effective / params.k).exp()).max(f64::MIN_POSITIVE)
 }
 
 /// d = (1/C) Σ_c |l_ft,c − l_zs,c|, accumulated in f64.

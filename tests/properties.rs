@@ -4,8 +4,8 @@
 //! * no method changes the prediction: the predicted class is the first argmax of the
 //!   fine-tuned logits, and it keeps the largest calibrated probability;
 //! * every probability vector is finite, within [0, 1] and sums to 1 within 1e-9;
-//! * the contrast is ≥ 0 (and the probability contrast ≤ 2), the weight finite and > 0
-//!   (see `weight_is_positive_unless_the_exponent_underflows` for the one exception).
+//! * the contrast is ≥ 0 (and the probability contrast ≤ 2), the weight finite and > 0 (also
+//!   where exp(−d/k) underflows: `cac_weight` floors it at the smallest positive normal f64).
 //!
 //! `PROPTEST_CASES=N` scales the case counts; failures are kept in
 //! `proptest-regressions/properties.txt`.
@@ -35,7 +35,8 @@ fn logit() -> impl Strategy<Value = f32> {
 /// (fine-tuned, zero-shot, DAC factors) for 2 to 64 classes.
 fn image_logits() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<f32>)> {
     (2usize..64).prop_flat_map(|classes| {
-        let factors = proptest::collection::vec(prop_oneof![Just(1.0f32), (-2.0f32..2.0).prop_map(f32::exp), 1.0e-3f32..1.0e3], classes);
+        let factors =
+            proptest::collection::vec(prop_oneof![Just(1.0f32), (-2.0f32..2.0).prop_map(f32::exp), 1.0e-3f32..1.0e3], classes);
         let ft = prop_oneof![
             proptest::collection::vec(logit(), classes),
             // Every class tied, or tied in pairs.
@@ -49,7 +50,8 @@ fn image_logits() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<f32>)> {
 /// Every valid CAC parameter set (`CacParams::validate` accepts it), weighted towards the
 /// ranges the paper and docs/CALIBRATION.md use.
 fn cac_params() -> impl Strategy<Value = CacParams> {
-    let positive = || prop_oneof![0.05f64..5.0, 1.0e-3f64..1.0e3, Just(1.10), Just(15.0), Just(2.0), Just(f64::MAX), Just(1.0e-300)];
+    let positive =
+        || prop_oneof![0.05f64..5.0, 1.0e-3f64..1.0e3, Just(1.10), Just(15.0), Just(2.0), Just(f64::MAX), Just(1.0e-300)];
     let thresholds = prop_oneof![
         Just(None),
         (0.0f64..200.0, 0.0f64..200.0).prop_map(|(a, b)| Some((a.min(b), a.max(b)))),
@@ -90,7 +92,13 @@ fn calibration_keeps_the_prediction_and_yields_distributions() {
             assert_probabilities(name, probabilities)?;
             prop_assert_eq!(probabilities.len(), ft.len());
             let best = probabilities[predicted];
-            prop_assert!(probabilities.iter().all(|&p| p <= best), "{}: class {} is not the most probable: {:?}", name, predicted, probabilities);
+            prop_assert!(
+                probabilities.iter().all(|&p| p <= best),
+                "{}: class {} is not the most probable: {:?}",
+                name,
+                predicted,
+                probabilities
+            );
             // Order is kept: a lower logit never gets a higher probability.
             for (i, &pi) in probabilities.iter().enumerate() {
                 for (j, &pj) in probabilities.iter().enumerate() {
@@ -100,7 +108,7 @@ fn calibration_keeps_the_prediction_and_yields_distributions() {
                 }
             }
         }
-        prop_assert!(calibrated.weight.is_finite() && calibrated.weight >= 0.0, "weight {}", calibrated.weight);
+        prop_assert!(calibrated.weight.is_finite() && calibrated.weight > 0.0, "weight {}", calibrated.weight);
         match method {
             Calibration::None => prop_assert_eq!(calibrated.weight, 1.0),
             Calibration::Ts { temperature } => prop_assert_eq!(calibrated.weight, 1.0 / temperature),
@@ -109,7 +117,7 @@ fn calibration_keeps_the_prediction_and_yields_distributions() {
                 let contrast = calibrated.contrast.expect("CAC reports its contrast");
                 prop_assert!(contrast.is_finite() && contrast >= 0.0, "contrast {}", contrast);
                 prop_assert_eq!(calibrated.weight, cac_weight(contrast, &params));
-                prop_assert!(calibrated.weight <= params.alpha);
+                prop_assert!(calibrated.weight <= params.alpha.max(f64::MIN_POSITIVE));
             }
         }
         if !matches!(method, Calibration::Cac(_)) {
@@ -120,22 +128,14 @@ fn calibration_keeps_the_prediction_and_yields_distributions() {
 }
 
 #[test]
-fn weight_is_positive_unless_the_exponent_underflows() {
+fn weight_is_always_positive_finite_and_at_most_alpha() {
     // α·exp(−d/k) is positive in exact arithmetic, but exp() underflows to 0 in f64 once d/k
-    // exceeds ~745 (e.g. k = 0.01 with a logit contrast of 8). The weight is then 0 and the
-    // calibrated distribution uniform — the w → 0 limit, still finite and normalised (checked
-    // above). Any other zero, negative, or non-finite weight is a defect.
+    // exceeds ~745 (e.g. k = 0.01 with a logit contrast of 8); before the floor in cac_weight
+    // the weight was then exactly 0 (found by this property).
     check("cac_weight_positive", REGRESSIONS, 16.0, (cac_params(), 0.0f64..1.0e7), |(params, contrast)| {
         let weight = cac_weight(contrast, &params);
-        prop_assert!(weight.is_finite() && weight <= params.alpha, "weight {} for {:?}, d = {}", weight, params, contrast);
-        let effective = match params.thresholds {
-            Some((low, _)) if contrast < low => 0.0,
-            Some((_, high)) if contrast > high => high,
-            _ => contrast,
-        };
-        if effective / params.k < 700.0 && params.alpha > 1.0e-290 {
-            prop_assert!(weight > 0.0, "weight {} for {:?}, d = {}", weight, params, contrast);
-        }
+        prop_assert!(weight.is_finite() && weight > 0.0, "weight {} for {:?}, d = {}", weight, params, contrast);
+        prop_assert!(weight <= params.alpha.max(f64::MIN_POSITIVE), "weight {} for {:?}", weight, params);
         // The weight never grows with the contrast.
         prop_assert!(cac_weight(contrast * 2.0 + 1.0, &params) <= weight);
         Ok(())
@@ -194,16 +194,22 @@ fn dac_factors_of_normalised_features_are_bounded_and_base_classes_keep_one() {
 #[test]
 fn invalid_inputs_are_errors() {
     // Non-finite logits and mismatched lengths are refused, never turned into NaN confidences.
-    check("calibration_invalid_inputs", REGRESSIONS, 4.0, (calibration(), image_logits(), any::<usize>(), select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY])), |(method, (mut ft, zs, factors), at, bad)| {
-        let mut zs_bad = zs.clone();
-        let index = at % ft.len();
-        zs_bad[index] = bad;
-        prop_assert!(calibrate(&method, &ft, &zs_bad, &factors).is_err());
-        prop_assert!(calibrate(&method, &ft, &zs[1..], &factors).is_err());
-        ft[index] = bad;
-        prop_assert!(calibrate(&method, &ft, &zs, &factors).is_err());
-        Ok(())
-    });
+    check(
+        "calibration_invalid_inputs",
+        REGRESSIONS,
+        4.0,
+        (calibration(), image_logits(), any::<usize>(), select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY])),
+        |(method, (mut ft, zs, factors), at, bad)| {
+            let mut zs_bad = zs.clone();
+            let index = at % ft.len();
+            zs_bad[index] = bad;
+            prop_assert!(calibrate(&method, &ft, &zs_bad, &factors).is_err());
+            prop_assert!(calibrate(&method, &ft, &zs[1..], &factors).is_err());
+            ft[index] = bad;
+            prop_assert!(calibrate(&method, &ft, &zs, &factors).is_err());
+            Ok(())
+        },
+    );
 }
 
 #[test]
@@ -212,7 +218,8 @@ fn tiny_temperature_gives_a_distribution_not_nan() {
     // times a logit of −51 overflowed to −∞ for every class, and softmax returned [NaN, NaN].
     // A TS temperature also comes from disk (the cache's `ts_temperature` metadata).
     let ft = [-51.338127f32, -41.292564];
-    let calibrated = calibrate(&Calibration::Ts { temperature: f64::MIN_POSITIVE }, &ft, &[0.0, 0.0], &[1.0, 1.0]).expect("finite inputs");
+    let calibrated =
+        calibrate(&Calibration::Ts { temperature: f64::MIN_POSITIVE }, &ft, &[0.0, 0.0], &[1.0, 1.0]).expect("finite inputs");
     assert_eq!(calibrated.probabilities, vec![0.0, 1.0]);
     // A subnormal temperature, whose reciprocal is infinite, is refused by validation.
     assert!(Calibration::Ts { temperature: 1.0e-310 }.validate().is_err());

@@ -33,8 +33,13 @@ pub const DEFAULT_CASES: u32 = 64;
 /// inputs drawn from `strategy`; panics with the minimal failing input.
 ///
 /// `regressions` is the failure file, e.g. `"fuzz_parsers"` → `proptest-regressions/fuzz_parsers.txt`.
-pub fn check<S>(name: &'static str, regressions: &'static str, cases_weight: f64, strategy: S, property: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
+pub fn check<S>(
+    name: &'static str,
+    regressions: &'static str,
+    cases_weight: f64,
+    strategy: S,
+    property: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
     S: Strategy,
     S::Value: std::fmt::Debug,
 {
@@ -49,7 +54,9 @@ where
     record_stats(name, executed, result.is_ok());
     match result {
         Ok(()) => {}
-        Err(TestError::Fail(reason, value)) => panic!("{name}: property failed after {executed} cases: {reason}\nminimal failing input: {value:#?}"),
+        Err(TestError::Fail(reason, value)) => {
+            panic!("{name}: property failed after {executed} cases: {reason}\nminimal failing input: {value:#?}")
+        }
         Err(TestError::Abort(reason)) => panic!("{name}: aborted after {executed} cases: {reason}"),
     }
 }
@@ -58,7 +65,8 @@ fn config(regressions: &'static str, cases_weight: f64) -> Config {
     // Config::default() has already read PROPTEST_CASES (and the other PROPTEST_* variables).
     let base = Config::default();
     let cases = if std::env::var_os("PROPTEST_CASES").is_some() { base.cases } else { DEFAULT_CASES };
-    let path: &'static str = Box::leak(format!("{}/proptest-regressions/{regressions}.txt", env!("CARGO_MANIFEST_DIR")).into_boxed_str());
+    let path: &'static str =
+        Box::leak(format!("{}/proptest-regressions/{regressions}.txt", env!("CARGO_MANIFEST_DIR")).into_boxed_str());
     Config {
         cases: ((f64::from(cases) * cases_weight).round() as u32).max(1),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(path))),
@@ -161,16 +169,39 @@ impl At {
 
 #[derive(Debug, Clone)]
 pub enum Mutation {
-    FlipBit { at: At, bit: u8 },
-    SetByte { at: At, value: u8 },
-    Insert { at: At, bytes: Vec<u8> },
-    Remove { at: At, len: usize },
-    Truncate { keep: At },
+    FlipBit {
+        at: At,
+        bit: u8,
+    },
+    SetByte {
+        at: At,
+        value: u8,
+    },
+    Insert {
+        at: At,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        at: At,
+        len: usize,
+    },
+    Truncate {
+        keep: At,
+    },
     /// An interesting value written over 1, 2, 4 or 8 bytes (little or big endian): header
     /// lengths, dimensions, counts and offsets live in such fields.
-    SetWord { at: At, value: u64, width: u8, big_endian: bool },
+    SetWord {
+        at: At,
+        value: u64,
+        width: u8,
+        big_endian: bool,
+    },
     /// Copies `len` bytes from one place over another (repeated chunks, markers, headers).
-    Duplicate { from: At, to: At, len: usize },
+    Duplicate {
+        from: At,
+        to: At,
+        len: usize,
+    },
 }
 
 /// Values at and around field limits.
@@ -248,7 +279,8 @@ fn apply_one(bytes: &mut Vec<u8>, mutation: &Mutation) {
         Mutation::Truncate { keep } => bytes.truncate(keep.resolve(len)),
         Mutation::SetWord { at, value, width, big_endian } if len > 0 => {
             let width = usize::from(*width);
-            let word = if *big_endian { value.to_be_bytes()[8 - width..].to_vec() } else { value.to_le_bytes()[..width].to_vec() };
+            let word =
+                if *big_endian { value.to_be_bytes()[8 - width..].to_vec() } else { value.to_le_bytes()[..width].to_vec() };
             let start = at.resolve(len);
             for (offset, byte) in word.into_iter().enumerate() {
                 if let Some(slot) = bytes.get_mut(start + offset) {
