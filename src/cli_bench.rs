@@ -1,6 +1,6 @@
 //! `cac-edge bench`: latency and throughput of the encoder and the full pipeline.
 //!
-//! A thin layer over [`cac_edge::bench`]: a human table on stdout, or the whole report as JSON
+//! A thin layer over [`cac_edge::tooling::bench`]: a human table on stdout, or the whole report as JSON
 //! (`--json`); progress on stderr. Exit 2 when nothing could run (like every command).
 
 use std::process::ExitCode;

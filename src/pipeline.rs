@@ -432,7 +432,7 @@ impl Classifier {
         })
     }
 
-    // ---- Accessors for `bench` (src/bench.rs): expose existing internals only. ----
+    // ---- Accessors for `bench` (src/tooling/bench.rs): expose existing internals only. ----
 
     /// The image encoders (zero-shot, and the fine-tuned one when the bundle has its own), so a
     /// benchmark can time the bare encoder runs on a ready tensor with the pipeline's own sessions.
