@@ -60,6 +60,9 @@ pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCod
         _ => None,
     };
     let mut classifier = Classifier::open(runtime, &args.model.bundle, &args.model.cache, options)?;
+    if args.model.no_verify {
+        tracing::warn!("--no-verify: the cache data and the image encoders were not checked against their hashes; a damaged file goes unnoticed");
+    }
     if let Some(reason) = &classifier.device().fallback_reason {
         tracing::info!("note: {reason}");
     }

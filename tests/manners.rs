@@ -290,3 +290,23 @@ fn quiet_leaves_only_errors_on_stderr() {
     assert!(normal.contains("1 images: ") && normal.contains("running on CPU"), "{normal}");
     assert_eq!(run(true), "");
 }
+
+/// A damaged feature row under --no-verify is used as is: the run says that it did not check.
+#[test]
+fn no_verify_is_said_on_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let photo = fixture("images/photos/chelsea.png");
+    let run = |extra: &[&str]| {
+        let output = command()
+            .args(["classify", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache])
+            .args(extra)
+            .arg(&photo)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stderr)
+    };
+    assert!(run(&["--no-verify"]).contains("warning: --no-verify: the cache data and the image encoders were not checked"));
+    assert!(!run(&[]).contains("--no-verify"));
+}
