@@ -310,3 +310,34 @@ fn no_verify_is_said_on_every_run() {
     assert!(run(&["--no-verify"]).contains("warning: --no-verify: the cache data and the image encoders were not checked"));
     assert!(!run(&[]).contains("--no-verify"));
 }
+
+/// ONNX Runtime's own log lines go through the same filter and format as cac-edge's (no raw
+/// coloured lines), and a batch in which every image failed never reaches the encoder (before: a
+/// red "Reshape" error from running it on zero images).
+#[test]
+fn onnx_runtime_logs_go_through_tracing_and_failed_batches_skip_the_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let classify = |filter: Option<&str>, images: &Path| {
+        let mut command = command();
+        command.args(["classify", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache]);
+        command.arg(images).env_remove("RUST_LOG");
+        if let Some(filter) = filter {
+            command.env("RUST_LOG", filter);
+        }
+        let output = command.output().unwrap();
+        (output.status.code(), text(&output.stderr))
+    };
+    let photo = fixture("images/photos/chelsea.png");
+    let (code, stderr) = classify(Some("ort=info"), &photo);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.lines().any(|line| line.starts_with("ort::")), "ONNX Runtime's lines under the ort target: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no terminal colour codes: {stderr:?}");
+    let (_, quiet_by_default) = classify(None, &photo);
+    assert!(!quiet_by_default.contains("ort::"), "{quiet_by_default}");
+
+    // Warnings and errors of ONNX Runtime are shown by default: a run on zero images would log one.
+    let (code, stderr) = classify(None, &fixture("images/bad"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains("Reshape") && !stderr.contains("ort::"), "{stderr}");
+}
