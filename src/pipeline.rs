@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use image::RgbImage;
-use ndarray::{Array2, Array4, ArrayView1, Axis};
+use ndarray::{Array2, Array4, ArrayView1, ArrayView4, Axis};
 
 use crate::bundle::{Bundle, BundleError};
 use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
@@ -356,11 +356,11 @@ impl Classifier {
     }
 
     fn preprocess_batch(&self, frames: &[RgbImage], first_index: usize) -> Result<Array4<f32>, PipelineError> {
-        preprocess_frames(frames, &self.preprocess, first_index)
+        preprocess_frames(frames.iter(), &self.preprocess, first_index)
     }
 
     fn logits_of_pixels(&mut self, pixels: Array4<f32>) -> Result<BatchLogits, PipelineError> {
-        let embeddings = self.encode_pixels(pixels)?;
+        let embeddings = self.encode_pixels(pixels.view())?;
         Ok(self.logits_of_embeddings(&embeddings))
     }
 
@@ -373,7 +373,7 @@ impl Classifier {
         first_index: usize,
     ) -> (Vec<Option<PipelineError>>, Result<ImageEmbeddings, PipelineError>) {
         let prepared = prepare_batch(paths, first_index, &self.options.decode_limits, &self.preprocess);
-        let embeddings = prepared.pixels.and_then(|pixels| self.encode_pixels(pixels));
+        let embeddings = prepared.pixels.and_then(|pixels| self.encode_pixels(pixels.view()));
         (prepared.failures, embeddings)
     }
 
@@ -387,10 +387,12 @@ impl Classifier {
         self.options.batch_size
     }
 
-    fn encode_pixels(&mut self, pixels: Array4<f32>) -> Result<ImageEmbeddings, PipelineError> {
-        let zero_shot = self.image_zs.encode_images(pixels.view())?;
+    /// The image encoders' runs on a ready `[N, 3, S, S]` tensor (both encoders when the bundle
+    /// has two): what `bench` times as the bare encoder.
+    pub(crate) fn encode_pixels(&mut self, pixels: ArrayView4<'_, f32>) -> Result<ImageEmbeddings, PipelineError> {
+        let zero_shot = self.image_zs.encode_images(pixels)?;
         let fine_tuned = match self.image_ft.as_mut() {
-            Some(encoder) => Some(encoder.encode_images(pixels.view())?),
+            Some(encoder) => Some(encoder.encode_images(pixels)?),
             None => None,
         };
         Ok(ImageEmbeddings { zero_shot, fine_tuned })
@@ -430,14 +432,6 @@ impl Classifier {
                 })
                 .collect(),
         })
-    }
-
-    // ---- Accessors for `bench` (src/tooling/bench.rs): expose existing internals only. ----
-
-    /// The image encoders (zero-shot, and the fine-tuned one when the bundle has its own), so a
-    /// benchmark can time the bare encoder runs on a ready tensor with the pipeline's own sessions.
-    pub fn image_encoders_mut(&mut self) -> (&mut Encoder, Option<&mut Encoder>) {
-        (&mut self.image_zs, self.image_ft.as_mut())
     }
 }
 
@@ -496,15 +490,19 @@ fn prepare_batch(paths: &[PathBuf], first_index: usize, limits: &DecodeLimits, c
             Err(source) => Some(PipelineError::Image { path: path.clone(), source }),
         })
         .collect();
-    PreparedBatch { failures, pixels: preprocess_frames(&frames, config, first_index) }
+    PreparedBatch { failures, pixels: preprocess_frames(frames.iter(), config, first_index) }
 }
 
-/// Preprocesses frames into one [N, 3, S, S] tensor.
-fn preprocess_frames(frames: &[RgbImage], config: &PreprocessConfig, first_index: usize) -> Result<Array4<f32>, PipelineError> {
+/// Preprocesses frames into one zeroed `[N, 3, S, S]` tensor, filled frame by frame; an error
+/// names the frame by `first_index` + its position.
+pub(crate) fn preprocess_frames<'a>(
+    frames: impl ExactSizeIterator<Item = &'a RgbImage>,
+    config: &PreprocessConfig,
+    first_index: usize,
+) -> Result<Array4<f32>, PipelineError> {
     let side = config.image_size as usize;
-
     let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
-    for (slot, (frame, mut target)) in frames.iter().zip(pixels.outer_iter_mut()).enumerate() {
+    for (slot, (frame, mut target)) in frames.zip(pixels.outer_iter_mut()).enumerate() {
         // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
         // fallback makes preprocess_into report a size error rather than panic.
         let out = target.as_slice_mut().unwrap_or_default();

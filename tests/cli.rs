@@ -11,24 +11,12 @@ use serde_json::Value;
 fn classify_reports_every_image_and_keeps_going_past_bad_ones() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
-    let bundle = bundle_dir();
-    let output = cac_edge(&[
-        "classify",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--cache",
-        &cache,
-        "--device",
-        "cpu",
-        "--threshold",
-        "0.5",
-        "--top-k",
-        "2",
-        fixture("images/photos").to_str().unwrap(),
-        fixture("images/modes").to_str().unwrap(),
-        fixture("images/bad").to_str().unwrap(),
-        "/nonexistent/frame.jpg",
-    ]);
+    let output = classify_command(&cache)
+        .args(["--device", "cpu", "--threshold", "0.5", "--top-k", "2"])
+        .args([fixture("images/photos"), fixture("images/modes"), fixture("images/bad")])
+        .arg("/nonexistent/frame.jpg")
+        .output()
+        .unwrap();
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "some inputs are bad: exit 1\n{stderr}");
     let lines = json_lines(&output);
@@ -82,18 +70,7 @@ fn gpu_providers_fail_clearly_when_asked_for_and_auto_falls_back_to_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/chelsea.png");
-    let run = |device: &str| {
-        cac_edge(&[
-            "classify",
-            "--bundle",
-            bundle_dir().to_str().unwrap(),
-            "--cache",
-            &cache,
-            "--device",
-            device,
-            photo.to_str().unwrap(),
-        ])
-    };
+    let run = |device: &str| classify_command(&cache).args(["--device", device]).arg(&photo).output().unwrap();
     for (device, provider) in [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")] {
         let output = run(device);
         let stderr = text(&output.stderr);
@@ -111,18 +88,7 @@ fn image_size_limit_is_configurable_and_refuses_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/astronaut.png"); // 512 x 512
-    let output = cac_edge(&[
-        "classify",
-        "--bundle",
-        bundle_dir().to_str().unwrap(),
-        "--cache",
-        &cache,
-        "--device",
-        "cpu",
-        "--max-image-side",
-        "256",
-        photo.to_str().unwrap(),
-    ]);
+    let output = classify_command(&cache).args(["--device", "cpu", "--max-image-side", "256"]).arg(&photo).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let line = &json_lines(&output)[0];
     assert!(line["error"].as_str().unwrap().contains("512"), "{line}");
@@ -206,12 +172,10 @@ fn gpu_options_that_the_device_would_ignore_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/chelsea.png");
-    let bundle = bundle_dir();
     for extra in [["--tensorrt-fp16", ""], ["--tensorrt-workspace", "1073741824"], ["--gpu", "1"]] {
-        let mut args = vec!["classify", "--bundle", bundle.to_str().unwrap(), "--cache", &cache, "--device", "cpu"];
-        args.extend(extra.iter().filter(|arg| !arg.is_empty()));
-        args.push(photo.to_str().unwrap());
-        let output = cac_edge(&args);
+        let mut command = classify_command(&cache);
+        command.args(["--device", "cpu"]).args(extra.iter().filter(|arg| !arg.is_empty())).arg(&photo);
+        let output = command.output().unwrap();
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{extra:?}: {stderr}");
         assert!(stderr.contains("--device"), "{stderr}");

@@ -144,22 +144,8 @@ fn toml_value() -> impl Strategy<Value = toml::Value> {
         select(vec![0.0, -0.0, -1.0, 1e-45, 1e39, f64::MAX, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 100.0])
             .prop_map(Value::Float),
         select(vec![
-            "",
-            "{}",
-            "{}{}",
-            "no placeholder",
-            "../tokenizer.json",
-            "/etc/passwd",
-            "tokenizer.json",
-            "image_zs.onnx",
-            ".",
-            "./image_zs.onnx",
-            "a/../image_zs.onnx",
-            "bicubic",
-            "bilinear",
-            "cac-edge-bundle",
-            "\u{0}",
-            "é{}",
+            "", "{}", "{}{}", "no placeholder", "../tokenizer.json", "/etc/passwd", "tokenizer.json", "image_zs.onnx", ".",
+            "./image_zs.onnx", "a/../image_zs.onnx", "bicubic", "bilinear", "cac-edge-bundle", "\u{0}", "é{}",
         ])
         .prop_map(|text| Value::String(text.to_string())),
         any::<String>().prop_map(Value::String),
@@ -396,23 +382,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         select(vec![0u64, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 64, u32::MAX as u64, u64::MAX, 1 << 40]).prop_map(Value::from),
         select(vec![-1i64, i64::MIN]).prop_map(Value::from),
         select(vec![
-            "",
-            "F32",
-            "U8",
-            "F64",
-            "F16",
-            "BOOL",
-            "I64",
-            "NaN",
-            "inf",
-            "-inf",
-            "-1",
-            "0",
-            "1e39",
-            "1",
-            "100",
-            "2",
-            "\n",
+            "", "F32", "U8", "F64", "F16", "BOOL", "I64", "NaN", "inf", "-inf", "-1", "0", "1e39", "1", "100", "2", "\n",
             "cac-edge-text-cache",
         ])
         .prop_map(|text| Value::String(text.to_string())),
@@ -656,20 +626,8 @@ fn check_class_list_round_trip(list: &ClassList) -> Result<(), TestCaseError> {
 fn class_names_text() -> impl Strategy<Value = String> {
     let line = prop_oneof![
         select(vec![
-            "red circle",
-            "blue square",
-            "  red circle ",
-            "# comment",
-            "#",
-            "",
-            "   ",
-            "\t",
-            "red circle\r",
-            "é",
-            "\u{85}",
-            "\u{2028}x",
-            "a\rb",
-            "\u{feff}red circle"
+            "red circle", "blue square", "  red circle ", "# comment", "#", "", "   ", "\t", "red circle\r", "é", "\u{85}",
+            "\u{2028}x", "a\rb", "\u{feff}red circle"
         ])
         .prop_map(str::to_string),
         any::<String>(),
@@ -746,34 +704,9 @@ fn tokenizer(context_length: usize) -> &'static ClipTokenizer {
 fn tokenizer_text() -> impl Strategy<Value = String> {
     let unit = prop_oneof![
         select(vec![
-            "a photo of a ",
-            "cat",
-            "'s",
-            "'",
-            "<|endoftext|>",
-            "<|startoftext|>",
-            "  ",
-            "\t",
-            "\n",
-            "!",
-            "ÿ",
-            "é",
-            "e\u{301}",
-            "\u{200b}",
-            "日本語",
-            "🙂",
-            "👩‍👩‍👧",
-            "&amp;",
-            "&#39;",
-            "Ã©",
-            "ﬁ",
-            "İ",
-            "ß",
-            "1234567890",
-            "\u{0}",
-            "\u{fffd}",
-            "\u{10ffff}",
-            "x{}y",
+            "a photo of a ", "cat", "'s", "'", "<|endoftext|>", "<|startoftext|>", "  ", "\t", "\n", "!", "ÿ", "é", "e\u{301}",
+            "\u{200b}", "日本語", "🙂", "👩‍👩‍👧", "&amp;", "&#39;", "Ã©", "ﬁ", "İ", "ß", "1234567890", "\u{0}", "\u{fffd}",
+            "\u{10ffff}", "x{}y",
         ])
         .prop_map(str::to_string),
         any::<String>(),
@@ -951,16 +884,8 @@ fn bmp_and_tiff_decode_survive_mutations() {
 fn decode_survives_magic_then_arbitrary_bytes() {
     // Past each format's magic number, straight into its header parser.
     let magic: Vec<&'static [u8]> = vec![
-        b"\xFF\xD8\xFF",
-        b"\x89PNG\r\n\x1a\n",
-        b"GIF89a",
-        b"GIF87a",
-        b"RIFF\0\0\0\0WEBPVP8L",
-        b"RIFF\0\0\0\0WEBPVP8 ",
-        b"RIFF\0\0\0\0WEBPVP8X",
-        b"BM",
-        b"II*\0",
-        b"MM\0*",
+        b"\xFF\xD8\xFF", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"GIF87a", b"RIFF\0\0\0\0WEBPVP8L", b"RIFF\0\0\0\0WEBPVP8 ",
+        b"RIFF\0\0\0\0WEBPVP8X", b"BM", b"II*\0", b"MM\0*",
     ];
     let input = (select(magic), proptest::collection::vec(any::<u8>(), 0..512));
     check("decode_magic_arbitrary", REGRESSIONS, 4.0, input, |(magic, tail)| {

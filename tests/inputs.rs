@@ -16,16 +16,8 @@ use cac_edge::preprocess::{decode_file, DecodeLimits};
 use common::*;
 use serde_json::Value;
 
-/// Runs the binary with a time limit.
-fn run_bounded_args(args: &[&str]) -> Output {
-    run_bounded(command().args(args))
-}
-
 fn classify(cache: &str, extra: &[&str]) -> Output {
-    let bundle = bundle_dir();
-    let mut args = vec!["classify", "--bundle", bundle.to_str().unwrap(), "--cache", cache, "--device", "cpu", "--threads", "1"];
-    args.extend(extra);
-    run_bounded_args(&args)
+    run_bounded(classify_command(cache).args(["--device", "cpu", "--threads", "1"]).args(extra))
 }
 
 fn paths_of(lines: &[Value]) -> Vec<String> {

@@ -76,16 +76,7 @@ fn an_os_error_appears_once_and_names_the_file() {
 fn a_missing_cache_says_how_to_build_it() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("never-built.safetensors");
-    let output = cac_edge(&[
-        "classify",
-        "--device",
-        "cpu",
-        "--bundle",
-        bundle_dir().to_str().unwrap(),
-        "--cache",
-        cache.to_str().unwrap(),
-        fixture("images/photos/chelsea.png").to_str().unwrap(),
-    ]);
+    let output = classify_command(&cache).args(["--device", "cpu"]).arg(fixture("images/photos/chelsea.png")).output().unwrap();
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("never-built.safetensors") && stderr.contains("no cache here yet"), "{stderr}");
@@ -125,9 +116,9 @@ fn a_closed_stdout_stops_the_run_quietly() {
     for index in 0..400 {
         std::fs::write(images.join(format!("{index:03}.png")), &photo).unwrap();
     }
-    let mut child = command()
-        .args(["classify", "--device", "cpu", "--threads", "1", "--batch-size", "1", "--bundle", bundle_dir().to_str().unwrap()])
-        .args(["--cache", &cache, images.to_str().unwrap()])
+    let mut child = classify_command(&cache)
+        .args(["--device", "cpu", "--threads", "1", "--batch-size", "1"])
+        .arg(&images)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -151,16 +142,7 @@ fn no_image_found_is_exit_1_with_a_message() {
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("notes.txt"), "not an image").unwrap();
-    let output = cac_edge(&[
-        "classify",
-        "--device",
-        "cpu",
-        "--bundle",
-        bundle_dir().to_str().unwrap(),
-        "--cache",
-        &cache,
-        empty.to_str().unwrap(),
-    ]);
+    let output = classify_command(&cache).args(["--device", "cpu"]).arg(&empty).output().unwrap();
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no image files found") && stderr.contains("empty"), "{stderr}");
@@ -174,8 +156,8 @@ fn a_stderr_that_cannot_be_written_does_not_stop_the_results() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
-    let output = command()
-        .args(["classify", "--device", "auto", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache])
+    let output = classify_command(&cache)
+        .args(["--device", "auto"])
         .args([fixture("images/photos"), fixture("images/bad")])
         .stderr(full)
         .output()
@@ -275,14 +257,14 @@ fn bench_needs_its_images_and_absurd_options_are_refused_at_parse_time() {
 fn quiet_leaves_only_errors_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
-    let bundle = bundle_dir();
     let photo = fixture("images/photos/chelsea.png");
     let run = |quiet: bool| {
-        let mut args = vec!["classify", "--device", "auto", "--bundle", bundle.to_str().unwrap(), "--cache", &cache];
+        let mut command = classify_command(&cache);
+        command.args(["--device", "auto"]).arg(&photo);
         if quiet {
-            args.push("-q");
+            command.arg("-q");
         }
-        let output = command().args(&args).arg(&photo).output().unwrap();
+        let output = command.output().unwrap();
         assert!(output.status.success(), "{}", text(&output.stderr));
         text(&output.stderr)
     };
@@ -298,12 +280,7 @@ fn no_verify_is_said_on_every_run() {
     let cache = build_cache_cli(dir.path());
     let photo = fixture("images/photos/chelsea.png");
     let run = |extra: &[&str]| {
-        let output = command()
-            .args(["classify", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache])
-            .args(extra)
-            .arg(&photo)
-            .output()
-            .unwrap();
+        let output = classify_command(&cache).args(["--device", "cpu"]).args(extra).arg(&photo).output().unwrap();
         assert!(output.status.success(), "{}", text(&output.stderr));
         text(&output.stderr)
     };
@@ -319,9 +296,8 @@ fn onnx_runtime_logs_go_through_tracing_and_failed_batches_skip_the_encoder() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let classify = |filter: Option<&str>, images: &Path| {
-        let mut command = command();
-        command.args(["classify", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache]);
-        command.arg(images).env_remove("RUST_LOG");
+        let mut command = classify_command(&cache);
+        command.args(["--device", "cpu"]).arg(images).env_remove("RUST_LOG");
         if let Some(filter) = filter {
             command.env("RUST_LOG", filter);
         }

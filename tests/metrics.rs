@@ -109,14 +109,8 @@ fn vectors_cover_the_edge_cases() {
     let vectors = vectors();
     let names: Vec<&str> = vectors["cases"].as_array().unwrap().iter().map(|case| case["name"].as_str().unwrap()).collect();
     for wanted in [
-        "dirichlet_random",
-        "peaked_softmax",
-        "confidence_exactly_one",
-        "confidences_on_bin_edges",
-        "classes_absent_from_labels",
-        "single_sample",
-        "ties_between_classes",
-        "tied_confidences",
+        "dirichlet_random", "peaked_softmax", "confidence_exactly_one", "confidences_on_bin_edges", "classes_absent_from_labels",
+        "single_sample", "ties_between_classes", "tied_confidences",
     ] {
         assert!(names.contains(&wanted), "missing case {wanted}");
     }

@@ -16,8 +16,8 @@
 //!   `classify_files` call over the whole image list, whose second thread decodes the next batch
 //!   while the encoder runs (one sample per round: pass time ÷ images).
 //! * `breakdown`: the non-encoder stages in isolation with the library functions the pipeline
-//!   calls: `decode` ([`decode_file`]), `preprocess` (a zeroed batch tensor filled by
-//!   [`preprocess_into`]), `logits` ([`Classifier::logits_of_embeddings`] on the batch's
+//!   calls: `decode` ([`decode_file`]), `preprocess` (the pipeline's own batch preprocessing: a zeroed tensor filled by
+//!   [`crate::preprocess::preprocess_into`]), `logits` ([`Classifier::logits_of_embeddings`] on the batch's
 //!   embeddings) and `calibrate.<method>` (per image: [`Classifier::predict`], what the pipeline
 //!   does to turn a logit row into a [`crate::Prediction`]: calibrate, top k, decide).
 //!
@@ -43,8 +43,8 @@ use serde::Serialize;
 
 use crate::calibrate::{Calibration, CalibrationSettings};
 use crate::logits::BatchLogits;
-use crate::pipeline::{row_slice, Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
-use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig};
+use crate::pipeline::{preprocess_frames, row_slice, Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
+use crate::preprocess::{decode_file, DecodeLimits, PreprocessConfig};
 use crate::runtime::Runtime;
 
 /// TS temperature used when the cache holds none (timing only: the value changes no work).
@@ -540,7 +540,7 @@ fn prepare(
     };
     for batch in &set.batches {
         let pixels = preprocess_batch(frames, batch, config)?;
-        let embeddings = encode(classifier, &pixels)?;
+        let embeddings = classifier.encode_pixels(pixels.view())?;
         set.logits.push(classifier.logits_of_embeddings(&embeddings));
         set.embeddings.push(embeddings);
         set.pixels.push(pixels);
@@ -548,28 +548,9 @@ fn prepare(
     Ok(set)
 }
 
-/// What `classify_files` does to a batch of decoded frames: one zeroed [B, 3, S, S] tensor
-/// filled image by image.
+/// What `classify_files` does to a batch of decoded frames (the pipeline's own function).
 fn preprocess_batch(frames: &[RgbImage], batch: &[usize], config: &PreprocessConfig) -> Result<Array4<f32>, BenchError> {
-    let side = config.image_size as usize;
-    let mut pixels = Array4::<f32>::zeros((batch.len(), 3, side, side));
-    for (&index, mut target) in batch.iter().zip(pixels.outer_iter_mut()) {
-        let out = target.as_slice_mut().unwrap_or_default();
-        preprocess_into(&frames[index], config, out)
-            .map_err(|error| BenchError::Setup(format!("preprocessing image {index}: {error}")))?;
-    }
-    Ok(pixels)
-}
-
-/// The bare encoder runs on a ready tensor (both image encoders when the bundle has two).
-fn encode(classifier: &mut Classifier, pixels: &Array4<f32>) -> Result<ImageEmbeddings, BenchError> {
-    let (zero_shot, fine_tuned) = classifier.image_encoders_mut();
-    let zero_shot = zero_shot.encode_images(pixels.view()).map_err(PipelineError::from)?;
-    let fine_tuned = match fine_tuned {
-        Some(encoder) => Some(encoder.encode_images(pixels.view()).map_err(PipelineError::from)?),
-        None => None,
-    };
-    Ok(ImageEmbeddings { zero_shot, fine_tuned })
+    Ok(preprocess_frames(batch.iter().map(|&index| &frames[index]), config, 0)?)
 }
 
 /// Runs one variant over every batch of `set`; returns per-image latencies in seconds (batch time ÷
@@ -594,7 +575,7 @@ fn run_variant(
         let start = Instant::now();
         match variant {
             Variant::Encoder => {
-                black_box(encode(&mut classifiers[0], &set.pixels[batch])?);
+                black_box(classifiers[0].encode_pixels(set.pixels[batch].view())?);
             }
             Variant::Pipeline(method) => classify(&mut classifiers[method], &set.paths[batch])?,
             Variant::Stream(_) => {}

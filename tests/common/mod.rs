@@ -123,6 +123,13 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `cac-edge classify` of the test bundle with `cache`, not yet run: add options and inputs.
+pub fn classify_command(cache: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = command();
+    command.arg("classify").arg("--bundle").arg(bundle_dir()).arg("--cache").arg(cache);
+    command
+}
+
 /// `cac-edge cache build` of `bundle` and a class list into `output`, on the CPU.
 pub fn cache_build_cli(bundle: &Path, classes: &Path, base: &Path, output: &Path) -> Output {
     cac_edge(&[
