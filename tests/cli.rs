@@ -182,3 +182,38 @@ fn gpu_options_that_the_device_would_ignore_are_refused() {
         assert!(output.stdout.is_empty());
     }
 }
+
+/// `bench` end to end on the test bundle: one measured round at batch 2 over three photos; every
+/// variant is timed (encoder, each calibration, the streaming pass, each stage) and the ratios are
+/// numbers. Speeds themselves are not asserted (noisy machines): BENCHMARKS.md has the measurements.
+#[test]
+fn bench_times_every_variant_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let photos = ["chelsea.png", "rocket.jpg", "coffee.png"].map(|name| fixture("images/photos").join(name));
+    let output = command()
+        .args(["bench", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap(), "--cache", &cache])
+        .args(["--batch-sizes", "2", "--rounds", "1", "--warmup-rounds", "0", "--json"])
+        .args(&photos)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("bench --json");
+    assert_eq!(report["images"]["used"], 3);
+    let result = &report["results"][0];
+    assert_eq!(result["batch_size"], 2);
+    assert_eq!(result["batches_per_round"], 2, "3 images cycled to 4: two batches of 2");
+    let timings = [
+        &result["encoder"],
+        &result["pipeline"]["none"],
+        &result["pipeline"]["cac"],
+        &result["stream"]["cac"],
+        &result["breakdown"]["preprocess"],
+        &result["breakdown"]["calibrate"]["cac"],
+    ];
+    for timing in timings {
+        assert!(timing["samples"].as_u64().unwrap() >= 1, "{timing}");
+        assert!(timing["median_s"].as_f64().unwrap() > 0.0, "{timing}");
+    }
+    assert!(result["ratios"]["pipeline_over_encoder"].as_f64().unwrap().is_finite());
+}
