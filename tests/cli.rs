@@ -204,12 +204,8 @@ fn bench_times_every_variant_and_reports_json() {
     assert_eq!(result["batch_size"], 2);
     assert_eq!(result["batches_per_round"], 2, "3 images cycled to 4: two batches of 2");
     let timings = [
-        &result["encoder"],
-        &result["pipeline"]["none"],
-        &result["pipeline"]["cac"],
-        &result["stream"]["cac"],
-        &result["breakdown"]["preprocess"],
-        &result["breakdown"]["calibrate"]["cac"],
+        &result["encoder"], &result["pipeline"]["none"], &result["pipeline"]["cac"], &result["stream"]["cac"],
+        &result["breakdown"]["preprocess"], &result["breakdown"]["calibrate"]["cac"],
     ];
     for timing in timings {
         assert!(timing["samples"].as_u64().unwrap() >= 1, "{timing}");

@@ -317,3 +317,26 @@ fn onnx_runtime_logs_go_through_tracing_and_failed_batches_skip_the_encoder() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(!stderr.contains("Reshape") && !stderr.contains("ort::"), "{stderr}");
 }
+
+/// The package is publishable as declared: its licence files exist, it says where it comes from,
+/// the fixtures and the demo bundle stay out of the published crate, and release binaries are
+/// stripped.
+#[test]
+fn the_manifest_declares_what_a_published_crate_needs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml")).unwrap().parse().unwrap();
+    let package = manifest["package"].as_table().unwrap();
+    assert_eq!(package["license"].as_str(), Some("MIT OR Apache-2.0"));
+    for licence in ["LICENSE-MIT", "LICENSE-APACHE"] {
+        let text = std::fs::read_to_string(root.join(licence)).unwrap();
+        assert!(text.contains("Permission is hereby granted") || text.contains("Apache License"), "{licence}");
+    }
+    for key in ["repository", "keywords", "categories", "readme", "description"] {
+        assert!(package.contains_key(key), "package.{key}");
+    }
+    let exclude: Vec<&str> = package["exclude"].as_array().unwrap().iter().filter_map(|value| value.as_str()).collect();
+    for heavy in ["/tests", "/onnx", "/calibration-cache"] {
+        assert!(exclude.contains(&heavy), "{heavy} excluded from the published crate");
+    }
+    assert_eq!(manifest["profile"]["release"]["strip"].as_bool(), Some(true));
+}
