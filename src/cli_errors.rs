@@ -2,13 +2,23 @@
 //! by every layer that wraps it), then a hint in the command line's own terms. The library's
 //! errors say what is wrong; which flag or command fixes it is the binary's to say.
 
-use std::io;
+use std::io::{self, Write};
 
 use cac_edge::cache::CacheError;
 use cac_edge::doctor::LIBRARY_FIX;
 use cac_edge::encode::EncodeError;
 use cac_edge::runtime::RuntimeError;
 use cac_edge::Error as PipelineError;
+
+/// Tells why the command failed, on stderr whatever the log filter (even `RUST_LOG=off`), and
+/// without panicking when stderr cannot be written.
+pub(crate) fn report(error: &anyhow::Error) {
+    let mut message = format!("error: {}\n", error_chain(error));
+    if let Some(hint) = hint(error) {
+        message += &format!("hint: {hint}\n");
+    }
+    let _ = io::stderr().write_all(message.as_bytes());
+}
 
 /// "outer: inner: cause", leaving out a cause whose text an outer message already includes
 /// (thiserror messages that embed `{source}` and also expose it as the source).

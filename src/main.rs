@@ -96,10 +96,7 @@ fn main() -> ExitCode {
         // `cac-edge … | head -1`: the reader has what it wanted.
         Err(error) if cli_errors::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{}", cli_errors::error_chain(&error));
-            if let Some(hint) = cli_errors::hint(&error) {
-                tracing::info!("hint: {hint}");
-            }
+            cli_errors::report(&error);
             ExitCode::from(2)
         }
     }
