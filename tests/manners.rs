@@ -340,3 +340,32 @@ fn the_manifest_declares_what_a_published_crate_needs() {
     }
     assert_eq!(manifest["profile"]["release"]["strip"].as_bool(), Some(true));
 }
+
+/// Two `cache build` runs to one path at once: both succeed, the result is one whole cache, and
+/// no temporary file is left (writers of a directory hold a lock for the write and the rename).
+#[test]
+fn concurrent_cache_builds_leave_one_whole_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("shared.safetensors");
+    let start = || {
+        command()
+            .args(["cache", "build", "--device", "cpu", "--threads", "1", "--bundle", bundle_dir().to_str().unwrap()])
+            .args(["--classes", fixture("classes.txt").to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap()])
+            .arg("--output")
+            .arg(&cache)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (start(), start());
+    for child in [first, second] {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let info = cac_edge(&["cache", "info", "--cache", cache.to_str().unwrap()]);
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    assert!(text(&info.stdout).contains("num_classes: 12"));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from("shared.safetensors")]);
+}
