@@ -106,7 +106,7 @@ pub(crate) fn run(args: &EvalArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
         tracing::info!("wrote {}", file.display());
     }
     if let Some(message) = outcome.unreachable_threshold {
-        bail!("--write-threshold: {message}");
+        bail!("--write-threshold: {message} (--write-temperature, --temperature)");
     }
     Ok(if outcome.failed_images == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -205,6 +205,15 @@ fn eval_fits_on_base_validation_stores_features_and_hands_its_threshold_to_class
     let info = text(&cac_edge(&["cache", "info", "--cache", plain.to_str().unwrap()]).stdout);
     assert!(!info.contains("ts_temperature") && !info.contains("threshold"), "{info}");
     assert_eq!(std::fs::read(&plain).unwrap(), std::fs::read(&cache).unwrap(), "the cache file is untouched");
+    // A threshold for TS with a temperature fitted now but not stored would mean nothing to
+    // classify: refused, nothing written.
+    let mut ts_threshold = fit_only.clone();
+    ts_threshold.extend(["--calibration".to_string(), "ts".into(), "--write-threshold".into()]);
+    let output = command().args(&ts_threshold).output().unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not stored") && stderr.contains("--write-temperature"), "{stderr}");
+    assert_eq!(std::fs::read(&plain).unwrap(), std::fs::read(&cache).unwrap(), "still untouched");
 
     let first = run(&out);
     let stderr = text(&first.stderr);

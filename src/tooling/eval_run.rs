@@ -107,7 +107,8 @@ pub struct EvalOutcome {
     pub report: EvalReport,
     /// The files written into the report folder.
     pub files: Vec<PathBuf>,
-    /// Set when a threshold was to be written but none reaches the target (nothing was written).
+    /// Set when a threshold was to be written but none could be (nothing was written): none
+    /// reaches the target, or it would be for a TS temperature that is not stored.
     pub unreachable_threshold: Option<String>,
     /// Images of both sets that could not be encoded (listed in the report).
     pub failed_images: usize,
@@ -154,7 +155,8 @@ pub fn run_eval(
     let mut notes = Vec::new();
     let fit = fitting.as_ref().map(|fitting| fit_calibrations(&classifier, fitting, request.fit_cac)).transpose()?;
     let stored_temperature = classifier.cache().stored_temperature();
-    let temperature = fit.as_ref().and_then(|fit| fit.temperature.map(|fit| fit.temperature)).or(stored_temperature);
+    let fitted_temperature = fit.as_ref().and_then(|fit| fit.temperature.map(|fit| fit.temperature));
+    let temperature = fitted_temperature.or(stored_temperature);
     let default = request
         .calibration
         .resolve(&classifier.bundle().manifest().calibration, temperature)
@@ -179,7 +181,21 @@ pub fn run_eval(
         }
     }
     let mut unreachable_threshold = None;
-    if request.write_threshold {
+    // A threshold chosen for TS with a temperature fitted now means nothing to classify unless
+    // that temperature is stored too (or given again on its command line).
+    let unstored_temperature = match default {
+        Calibration::Ts { temperature } => {
+            Some(temperature) == fitted_temperature && fitted_temperature != stored_temperature && !request.write_temperature
+        }
+        _ => false,
+    };
+    if request.write_threshold && unstored_temperature {
+        let message = "the threshold would be for TS with the temperature fitted now, which is not stored; \
+                       store it too (write the temperature) or give the temperature; no threshold was written"
+            .to_string();
+        notes.push(message.clone());
+        unreachable_threshold = Some(message);
+    } else if request.write_threshold {
         let chosen = reports
             .iter()
             .find(|report| report.calibrator.name == default_name)
