@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fs::Metadata;
 use std::path::{Path, PathBuf};
 
-use crate::preprocess::has_image_extension;
+use crate::preprocess::{file_kind, has_image_extension};
 
 /// How [`scan`] treats symbolic links found inside directories.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -130,27 +130,8 @@ fn file_id(path: &Path, _metadata: &Metadata) -> FileId {
     FileId::Path(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
 }
 
-#[cfg(unix)]
 fn special_kind(metadata: &Metadata) -> SkipReason {
-    use std::os::unix::fs::FileTypeExt;
-    let file_type = metadata.file_type();
-    let kind = if file_type.is_fifo() {
-        "FIFO (named pipe)"
-    } else if file_type.is_socket() {
-        "socket"
-    } else if file_type.is_char_device() {
-        "character device"
-    } else if file_type.is_block_device() {
-        "block device"
-    } else {
-        "special file"
-    };
-    SkipReason::NotRegularFile { kind }
-}
-
-#[cfg(not(unix))]
-fn special_kind(_metadata: &Metadata) -> SkipReason {
-    SkipReason::NotRegularFile { kind: "special file" }
+    SkipReason::NotRegularFile { kind: file_kind(metadata.file_type()) }
 }
 
 struct Scanner {

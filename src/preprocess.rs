@@ -263,8 +263,10 @@ fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::File::open(path)
 }
 
+/// What a path that is not a regular file is, in words ("FIFO (named pipe)", "character
+/// device", …), for messages; shared with the input scan.
 #[cfg(unix)]
-fn file_kind(kind: std::fs::FileType) -> &'static str {
+pub(crate) fn file_kind(kind: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if kind.is_fifo() {
         "FIFO (named pipe)"
@@ -282,7 +284,7 @@ fn file_kind(kind: std::fs::FileType) -> &'static str {
 }
 
 #[cfg(not(unix))]
-fn file_kind(kind: std::fs::FileType) -> &'static str {
+pub(crate) fn file_kind(kind: std::fs::FileType) -> &'static str {
     if kind.is_dir() {
         "directory"
     } else {
