@@ -13,12 +13,11 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// `command()` run under `sh -c 'umask MASK; exec …'`, so the binary inherits that umask.
-fn with_umask(mask: &str, args: &[&str]) -> std::process::Output {
-    let binary = command();
+/// `command` run under `sh -c 'umask MASK; exec …'`, so the binary inherits that umask.
+fn with_umask(mask: &str, command: &Command) -> std::process::Output {
     let mut shell = Command::new("sh");
-    shell.arg("-c").arg(format!("umask {mask} && exec \"$@\"")).arg("sh").arg(binary.get_program());
-    shell.args(binary.get_args()).args(args);
+    shell.arg("-c").arg(format!("umask {mask} && exec \"$@\"")).arg("sh").arg(command.get_program());
+    shell.args(command.get_args());
     run_bounded(&mut shell)
 }
 
@@ -34,25 +33,7 @@ fn caches_are_written_with_the_umask_not_0600() {
     std::fs::write(&stale, vec![0u8; 4096]).unwrap();
     for (mask, expected) in [("022", 0o644), ("027", 0o640)] {
         let cache = dir.path().join(format!("cache-{mask}.safetensors"));
-        let output = with_umask(
-            mask,
-            &[
-                "cache",
-                "build",
-                "--device",
-                "cpu",
-                "--threads",
-                "1",
-                "--bundle",
-                bundle_dir().to_str().unwrap(),
-                "--classes",
-                fixture("classes.txt").to_str().unwrap(),
-                "--base",
-                fixture("base.txt").to_str().unwrap(),
-                "--output",
-                cache.to_str().unwrap(),
-            ],
-        );
+        let output = with_umask(mask, &cache_build_command(&bundle_dir(), &fixture("classes.txt"), &fixture("base.txt"), &cache));
         assert!(output.status.success(), "{}", text(&output.stderr));
         assert_eq!(mode(&cache), expected, "umask {mask}: mode {:o}", mode(&cache));
     }
@@ -175,10 +156,7 @@ fn a_stderr_that_cannot_be_written_does_not_stop_the_results() {
 fn cache_build_into_a_closed_pipe_succeeds_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("c.safetensors");
-    let mut child = command()
-        .args(["cache", "build", "--device", "cpu", "--bundle", bundle_dir().to_str().unwrap()])
-        .args(["--classes", fixture("classes.txt").to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap()])
-        .args(["--output", cache.to_str().unwrap()])
+    let mut child = cache_build_command(&bundle_dir(), &fixture("classes.txt"), &fixture("base.txt"), &cache)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -348,11 +326,7 @@ fn concurrent_cache_builds_leave_one_whole_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("shared.safetensors");
     let start = || {
-        command()
-            .args(["cache", "build", "--device", "cpu", "--threads", "1", "--bundle", bundle_dir().to_str().unwrap()])
-            .args(["--classes", fixture("classes.txt").to_str().unwrap(), "--base", fixture("base.txt").to_str().unwrap()])
-            .arg("--output")
-            .arg(&cache)
+        cache_build_command(&bundle_dir(), &fixture("classes.txt"), &fixture("base.txt"), &cache)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -130,24 +130,17 @@ pub fn classify_command(cache: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
-/// `cac-edge cache build` of `bundle` and a class list into `output`, on the CPU.
+/// `cac-edge cache build` of `bundle` and a class list into `output`, on the CPU, not yet run.
+pub fn cache_build_command(bundle: &Path, classes: &Path, base: &Path, output: &Path) -> Command {
+    let mut command = command();
+    command.args(["cache", "build", "--device", "cpu", "--threads", "1", "--bundle"]).arg(bundle);
+    command.arg("--classes").arg(classes).arg("--base").arg(base).arg("--output").arg(output);
+    command
+}
+
+/// [`cache_build_command`], run.
 pub fn cache_build_cli(bundle: &Path, classes: &Path, base: &Path, output: &Path) -> Output {
-    cac_edge(&[
-        "cache",
-        "build",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--classes",
-        classes.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ])
+    cache_build_command(bundle, classes, base, output).output().expect("run cac-edge")
 }
 
 /// The test bundle's cache for the fixture class list, built by the binary in `dir`.
