@@ -45,11 +45,13 @@ pub(crate) struct CacheBuildArgs {
 }
 
 pub(crate) fn build(args: &CacheBuildArgs, runtime: &Arc<Runtime>) -> Result<()> {
-    args.runtime.session_options().validate()?;
+    // Checked before the bundle and class list are read, so a bad option costs nothing.
+    let session = args.runtime.session_options();
+    session.validate()?;
     let bundle = Bundle::open(&args.bundle)?;
     let classes = ClassList::from_files(&args.classes, &args.base)?;
     let output = args.output.clone().unwrap_or_else(|| default_cache_path(&bundle));
-    build_cache(runtime, &bundle, &classes, &args.runtime.session_options(), &output)
+    build_cache(runtime, &bundle, &classes, &session, &output)
         .with_context(|| format!("building the cache {} for the classes in {}", output.display(), args.classes.display()))?;
     let base = classes.is_base.iter().filter(|&&base| base).count();
     tracing::info!(

@@ -46,27 +46,43 @@ pub(crate) fn hint(error: &anyhow::Error) -> Option<String> {
         if let Some(error) = cause.downcast_ref::<CacheError>() {
             return cache_hint(error);
         }
-        if let Some(EncodeError::Runtime(error)) = cause.downcast_ref::<EncodeError>() {
-            return runtime_hint(error);
+        if let Some(error) = cause.downcast_ref::<EncodeError>() {
+            return encode_hint(error);
         }
         cause.downcast_ref::<RuntimeError>().and_then(runtime_hint)
     })
 }
 
+// The library's wrappers are `#[error(transparent)]`, so the wrapped error is not a separate
+// link of the chain: each hint looks inside the wrappers of its own type.
+
 fn pipeline_hint(error: &PipelineError) -> Option<String> {
     match error {
         PipelineError::Cache(error) => cache_hint(error),
-        PipelineError::Runtime(error) | PipelineError::Encode(EncodeError::Runtime(error)) => runtime_hint(error),
+        PipelineError::Encode(error) => encode_hint(error),
+        PipelineError::Runtime(error) => runtime_hint(error),
         _ => None,
     }
 }
 
 fn cache_hint(error: &CacheError) -> Option<String> {
-    error.is_fixed_by_rebuilding().then(|| {
-        "build the cache with `cac-edge cache build --bundle BUNDLE --classes CLASSES.txt --base BASE.txt --output CACHE` \
-         (once per bundle and class list), then pass it with --cache"
-            .to_string()
-    })
+    match error {
+        // Building a cache opens the text encoders: a missing provider or library is said here.
+        CacheError::Encode(error) => encode_hint(error),
+        error if error.is_fixed_by_rebuilding() => Some(
+            "build the cache with `cac-edge cache build --bundle BUNDLE --classes CLASSES.txt --base BASE.txt --output CACHE` \
+             (once per bundle and class list), then pass it with --cache"
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+fn encode_hint(error: &EncodeError) -> Option<String> {
+    match error {
+        EncodeError::Runtime(error) => runtime_hint(error),
+        _ => None,
+    }
 }
 
 fn runtime_hint(error: &RuntimeError) -> Option<String> {
@@ -80,11 +96,6 @@ fn runtime_hint(error: &RuntimeError) -> Option<String> {
         ),
         _ => None,
     }
-}
-
-/// Whether the command stopped because stdout was closed by its reader.
-pub(crate) fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|error| error.kind() == io::ErrorKind::BrokenPipe))
 }
 
 #[cfg(test)]
@@ -107,5 +118,22 @@ mod tests {
         assert!(hint(&error).unwrap().contains("cac-edge cache build --bundle"));
         let unrelated = anyhow::anyhow!("something else");
         assert_eq!(hint(&unrelated), None);
+    }
+
+    #[test]
+    fn a_missing_provider_is_hinted_through_every_wrapper() {
+        let unavailable = || RuntimeError::ProviderUnavailable {
+            provider: "CUDAExecutionProvider",
+            library: "x".into(),
+            available: "CPU".into(),
+        };
+        let wrapped = [
+            anyhow::Error::new(PipelineError::Encode(EncodeError::Runtime(unavailable()))),
+            anyhow::Error::new(CacheError::Encode(EncodeError::Runtime(unavailable()))).context("building the cache c"),
+            anyhow::Error::new(unavailable()),
+        ];
+        for error in wrapped {
+            assert_eq!(hint(&error).as_deref(), Some("use --device cpu or --device auto"), "{error:#}");
+        }
     }
 }

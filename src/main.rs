@@ -93,8 +93,6 @@ fn main() -> ExitCode {
     cli_output::init_logging(&cli.verbosity);
     match run(cli.command) {
         Ok(code) => code,
-        // `cac-edge … | head -1`: the reader has what it wanted.
-        Err(error) if cli_errors::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             cli_errors::report(&error);
             ExitCode::from(2)
