@@ -267,14 +267,17 @@ fn name_key(name: &str) -> String {
 fn read_name_list(path: &Path) -> Result<Vec<(usize, String)>, CacheError> {
     let text = std::fs::read_to_string(path).map_err(|source| CacheError::Read { path: path.to_path_buf(), source })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let mut seen: HashMap<String, (usize, String)> = HashMap::new();
-    let mut names = Vec::new();
+    // By what makes two names one class to the model: the index of its first name in `names`.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut names: Vec<(usize, String)> = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let (line, name) = (index + 1, raw.trim());
         if name.is_empty() || name.starts_with('#') {
             continue;
         }
-        if let Some((first_line, first)) = seen.get(&name_key(name)) {
+        let key = name_key(name);
+        if let Some(&earlier) = seen.get(&key) {
+            let (first_line, first) = &names[earlier];
             if first == name {
                 return Err(CacheError::ClassList {
                     path: path.to_path_buf(),
@@ -290,7 +293,7 @@ fn read_name_list(path: &Path) -> Result<Vec<(usize, String)>, CacheError> {
                 first: first.clone(),
             });
         }
-        seen.insert(name_key(name), (line, name.to_string()));
+        seen.insert(key, names.len());
         names.push((line, name.to_string()));
     }
     if names.is_empty() {
@@ -373,7 +376,8 @@ fn prompt_ids(tokenizer: &ClipTokenizer, template: &str, names: &[String]) -> Re
 fn check_distinct_tokens(names: &[String], ids: ArrayView2<'_, i64>, template: &str) -> Result<(), CacheError> {
     let mut seen: HashMap<Vec<i64>, usize> = HashMap::new();
     for (class, row) in ids.rows().into_iter().enumerate() {
-        if let Some(&first) = seen.get(&row.to_vec()) {
+        let row = row.to_vec();
+        if let Some(&first) = seen.get(&row) {
             return Err(CacheError::SameTokens {
                 first: first + 1,
                 first_name: names[first].clone(),
@@ -383,7 +387,7 @@ fn check_distinct_tokens(names: &[String], ids: ArrayView2<'_, i64>, template: &
                 context_length: ids.ncols(),
             });
         }
-        seen.insert(row.to_vec(), class);
+        seen.insert(row, class);
     }
     Ok(())
 }
@@ -402,13 +406,16 @@ fn check_distinct_features(names: &[String], features: ArrayView2<'_, f32>, enco
             row.mapv_inplace(|x| (f64::from(x) / norm) as f32);
         }
     }
-    // Blocks of rows against all rows: C x C similarities without holding them all at once.
+    // Blocks of rows against the rows from the block on (each pair once, the upper triangle of
+    // the C x C similarities), without holding them all at once.
     const BLOCK: usize = 256;
     for (block_index, block) in unit.axis_chunks_iter(Axis(0), BLOCK).enumerate() {
-        let similarities = block.dot(&unit.t());
+        let start = block_index * BLOCK;
+        let similarities = block.dot(&unit.slice(ndarray::s![start.., ..]).t());
         for (offset, row) in similarities.rows().into_iter().enumerate() {
-            let first = block_index * BLOCK + offset;
-            for (second, &cosine) in row.iter().enumerate().skip(first + 1) {
+            let first = start + offset;
+            for (column, &cosine) in row.iter().enumerate().skip(offset + 1) {
+                let second = start + column;
                 if f64::from(cosine) >= SAME_FEATURES_COSINE {
                     return Err(CacheError::SameFeatures {
                         first: first + 1,
