@@ -57,6 +57,8 @@ mod pipeline;
 pub mod preprocess;
 pub mod report;
 pub mod runtime;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod threshold;
 pub mod tokenize;
 #[cfg(feature = "tooling")]

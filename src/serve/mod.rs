@@ -1,0 +1,9 @@
+//! The always-on camera service behind `cac-edge serve` (feature `serve`).
+//!
+//! Frame path: each camera's source thread ([`sources`]) puts the newest frame into the camera's
+//! one-slot [`frame::Mailbox`]; one scheduler takes the frames that are due (fps cap, staleness),
+//! classifies them in one encoder batch, debounces each camera's published state and hands every
+//! decision to the outputs.
+
+pub mod frame;
+pub mod sources;

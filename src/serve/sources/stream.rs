@@ -1,0 +1,1 @@
+//! PLACEHOLDER (being written): byte streams split into frames.
