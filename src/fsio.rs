@@ -45,7 +45,7 @@ pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> io::Result<
 }
 
 /// [`write_atomic`] for bytes already in memory (reports and plots).
-#[cfg(any(feature = "tooling", test))]
+#[cfg(any(feature = "tooling", feature = "serve", test))]
 pub(crate) fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, |temporary| std::fs::write(temporary, bytes))
 }

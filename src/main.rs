@@ -27,6 +27,8 @@ mod cli_errors;
 #[cfg(feature = "tooling")]
 mod cli_eval;
 mod cli_output;
+#[cfg(feature = "serve")]
+mod cli_serve;
 
 use cli_args::RuntimeArgs;
 
@@ -78,6 +80,11 @@ enum Command {
     /// decoded once and kept in memory: a few dozen to a few hundred are enough.
     #[cfg(feature = "tooling")]
     Bench(cli_bench::BenchArgs),
+    /// Run the always-on camera service: frames from folders, stdin, HTTP, RTSP or V4L2 cameras,
+    /// one JSON line per decision, an HTTP API with health, metrics and each camera's latest
+    /// decision (configured by serve.toml; docs/SERVE.md).
+    #[cfg(feature = "serve")]
+    Serve(cli_serve::ServeArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions {
         /// The shell to complete for: bash, zsh, fish, elvish or powershell.
@@ -115,6 +122,8 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Eval(args) => cli_eval::run(args, &load(&args.runtime)?),
         #[cfg(feature = "tooling")]
         Command::Bench(args) => cli_bench::run(args, &load(&args.runtime)?),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => cli_serve::run(args),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "cac-edge", &mut script);

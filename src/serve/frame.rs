@@ -166,6 +166,12 @@ impl Mailbox {
         lock(&self.slot).is_some()
     }
 
+    /// Wakes the scheduler without a frame (the camera's source ended, so the service may be
+    /// done).
+    pub fn notify_waiters(&self) {
+        self.wake.notify();
+    }
+
     /// Counts a frame the source refused (see [`MailboxCounters::refused`]).
     pub fn refuse(&self) {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);

@@ -7,3 +7,16 @@
 
 pub mod frame;
 pub mod sources;
+
+pub mod api;
+pub mod camera;
+pub mod config;
+pub mod metrics;
+pub mod output;
+pub mod review;
+pub mod service;
+pub mod state;
+pub mod systemd;
+
+pub use config::{ConfigError, ServeConfig};
+pub use service::{ServeError, Service};
