@@ -212,13 +212,32 @@ struct RawCameraSettings {
     rtsp_decoder: Option<Spanned<String>>,
 }
 
+// The settings are repeated rather than `#[serde(flatten)]`ed: flattening buffers the values
+// and loses their spans.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCamera {
     name: Option<Spanned<String>>,
     source: Option<Spanned<String>>,
-    #[serde(flatten)]
-    settings: RawCameraSettings,
+    enabled: Option<bool>,
+    fps: Option<Spanned<f64>>,
+    max_frame_age: Option<Spanned<f64>>,
+    stall_after: Option<Spanned<f64>>,
+    debounce: Option<Spanned<i64>>,
+    rtsp_decoder: Option<Spanned<String>>,
+}
+
+impl RawCamera {
+    fn settings(&self) -> RawCameraSettings {
+        RawCameraSettings {
+            enabled: self.enabled,
+            fps: self.fps.clone(),
+            max_frame_age: self.max_frame_age.clone(),
+            stall_after: self.stall_after.clone(),
+            debounce: self.debounce.clone(),
+            rtsp_decoder: self.rtsp_decoder.clone(),
+        }
+    }
 }
 
 /// Reads and checks the config at `path`.
@@ -419,7 +438,7 @@ impl Checker<'_> {
             if let SourceSpec::Folder(folder) = &spec {
                 spec = SourceSpec::Folder(resolve(base, &folder.to_string_lossy()));
             }
-            let settings = merged(&camera.settings, defaults);
+            let settings = merged(&camera.settings(), defaults);
             cameras.push(self.camera_settings(name.get_ref().clone(), spec, &settings, &key)?);
         }
         let stdin_cameras = cameras.iter().filter(|camera| camera.source == SourceSpec::Stdin).count();

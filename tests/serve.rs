@@ -1,0 +1,343 @@
+//! `cac-edge serve` end to end: the real binary, a real ONNX Runtime session on the test
+//! bundle, real files, pipes, sockets and signals. Every wait is bounded.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{bundle_dir, build_cache_cli, command, fixture, text};
+
+/// The longest any single wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A free loopback port (bound, read, released: a race with other tests is possible but rare).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+}
+
+/// A running `cac-edge serve`, killed on drop.
+struct Served {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    port: u16,
+}
+
+impl Served {
+    fn start(config: &Path, port: u16) -> Served {
+        Self::start_with(config, port, |_| {})
+    }
+
+    fn start_with(config: &Path, port: u16, adjust: impl FnOnce(&mut Command)) -> Served {
+        let mut command = command();
+        command.arg("serve").arg("--config").arg(config).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("start cac-edge serve");
+        let (line_tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+                if line_tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr");
+        let collected = std::sync::Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(read) = pipe.read(&mut buffer) {
+                if read == 0 {
+                    break;
+                }
+                collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..read]));
+            }
+        });
+        let mut served = Served { child, lines, stderr, port };
+        let start = Instant::now();
+        while get(port, "/healthz").is_none_or(|(status, _)| status != 200) {
+            if let Some(status) = served.child.try_wait().expect("try_wait") {
+                panic!("serve exited ({status}) before answering; stderr:\n{}", served.stderr());
+            }
+            assert!(start.elapsed() < WAIT, "the HTTP API did not answer; stderr:\n{}", served.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        served
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, mut done: impl FnMut() -> bool, what: &str) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < WAIT, "timed out waiting for {what}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn next_line(&self) -> serde_json::Value {
+        self.lines.recv_timeout(WAIT).unwrap_or_else(|_| panic!("no JSON line within {WAIT:?}; stderr:\n{}", self.stderr()))
+    }
+
+    fn camera(&self, name: &str) -> serde_json::Value {
+        let (status, body) = get(self.port, &format!("/api/cameras/{name}")).expect("API answers");
+        assert_eq!(status, 200, "{}", text(&body));
+        serde_json::from_slice(&body).expect("JSON")
+    }
+
+    fn metric(&self, name_and_labels: &str) -> f64 {
+        let (_, body) = get(self.port, "/metrics").expect("metrics");
+        let page = text(&body);
+        page.lines()
+            .find_map(|line| line.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name_and_labels} not in /metrics:\n{page}"))
+            .parse()
+            .expect("a number")
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; its status and how long that took.
+    fn wait_exit(&mut self) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < WAIT, "serve did not exit; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: status and body.
+fn get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let split = response.windows(4).position(|window| window == b"\r\n\r\n")?;
+    let status = text(&response[..split]).split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response[split + 4..].to_vec()))
+}
+
+/// A config for the test bundle with `cameras` (TOML `[[camera]]` tables) and `extra` tables.
+fn write_config(dir: &Path, cache: &str, port: u16, model_extra: &str, service_extra: &str, cameras: &str) -> PathBuf {
+    let config = dir.join("serve.toml");
+    let text = format!(
+        "[model]\nbundle = \"{}\"\ncache = \"{cache}\"\ndevice = \"cpu\"\nthreads = 1\n{model_extra}\n\n[service]\nhttp = \"127.0.0.1:{port}\"\n{service_extra}\n\n{cameras}\n",
+        bundle_dir().display()
+    );
+    std::fs::write(&config, text).expect("write config");
+    config
+}
+
+fn test_images() -> Vec<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir(fixture("images/photos")).expect("photos").map(|entry| entry.expect("entry").path()).collect();
+    images.sort();
+    images.retain(|path| path.extension().is_some_and(|extension| extension == "jpg"));
+    assert!(images.len() >= 3, "the test photos");
+    images
+}
+
+/// What `cac-edge classify` says of `image`: the independent reference for the service's lines.
+fn classify_reference(cache: &str, image: &Path, threshold: &str) -> serde_json::Value {
+    let output = common::classify_command(cache).args(["--device", "cpu", "--threshold", threshold]).arg(image).output().expect("classify");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("one JSON line")
+}
+
+#[test]
+fn config_errors_name_the_file_line_and_key_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let config = write_config(dir.path(), &cache, free_port(), "", "", "[[camera]]\nname = \"door\"\nsource = \"folder:in\"\nfps = 0\n");
+    let output = command().args(["serve", "--check-config", "--config"]).arg(&config).output().expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(&format!("{}:15: camera[0].fps", config.display())), "{stderr}");
+    let config = write_config(dir.path(), &cache, free_port(), "", "", "[[camera]]\nname = \"door\"\nsource = \"folder:in\"\n");
+    let output = command().args(["serve", "--check-config", "--config"]).arg(&config).output().expect("run");
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("valid"), "{}", text(&output.stderr));
+    let output = command().args(["serve", "--config"]).arg(dir.path().join("missing.toml")).output().expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("missing.toml: no such file"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn a_folder_camera_classifies_each_complete_file_once_like_classify_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let port = free_port();
+    let cameras = "[[camera]]\nname = \"drop\"\nsource = \"folder:in\"\nfps = 50\ndebounce = 2\n";
+    let config = write_config(dir.path(), &cache, port, "threshold = 0.0", "", cameras);
+    let served = Served::start(&config, port);
+    let images = test_images();
+    // A file written in two halves, one second apart, through one open handle: it must be
+    // classified once, whole, and not counted as failed.
+    let first = std::fs::read(&images[0]).unwrap();
+    let mut half_written = std::fs::File::create(dir.path().join("in/first.jpg")).unwrap();
+    half_written.write_all(&first[..first.len() / 2]).unwrap();
+    half_written.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    half_written.write_all(&first[first.len() / 2..]).unwrap();
+    drop(half_written);
+    let line = served.next_line();
+    let reference = classify_reference(&cache, &images[0], "0.0");
+    assert_eq!(line["camera"], "drop");
+    assert_eq!(line["label"], reference["label"]);
+    let (confidence, expected) = (line["confidence"].as_f64().unwrap(), reference["confidence"].as_f64().unwrap());
+    assert!((confidence - expected).abs() < 1e-6, "{confidence} vs {expected}");
+    assert_eq!(line["uncalibrated_confidence"].as_f64().map(|value| (value * 1e6).round()), reference["uncalibrated_confidence"].as_f64().map(|value| (value * 1e6).round()));
+    for key in ["captured_at", "frame_age_ms", "decision", "threshold", "contrast", "device", "weight"] {
+        assert!(line.get(key).is_some(), "{key} missing from {line}");
+    }
+    // Debounce 2: the published state appears with the second identical accepted label.
+    assert_eq!(line["state"], serde_json::Value::Null);
+    std::fs::copy(&images[0], dir.path().join("in/second.jpg")).unwrap();
+    let line = served.next_line();
+    assert_eq!(line["state"], reference["label"]);
+    assert_eq!(line["state_changed"], true);
+    // Every file gets its turn, in order, even when they arrive together.
+    for (index, image) in images.iter().enumerate() {
+        std::fs::copy(image, dir.path().join(format!("in/burst-{index}.jpg"))).unwrap();
+    }
+    let labels: Vec<_> = (0..images.len()).map(|_| served.next_line()["label"].clone()).collect();
+    let expected: Vec<_> = images.iter().map(|image| classify_reference(&cache, image, "0.0")["label"].clone()).collect();
+    assert_eq!(labels, expected);
+    let camera = served.camera("drop");
+    assert_eq!(camera["frames"]["processed"], images.len() + 2);
+    assert_eq!(camera["frames"]["failed"], 0);
+    assert_eq!(camera["frames"]["refused"], 0);
+    let (status, jpeg) = get(port, "/api/cameras/drop/latest.jpg").expect("latest.jpg");
+    assert_eq!(status, 200);
+    assert_eq!(jpeg, std::fs::read(images.last().unwrap()).unwrap(), "latest.jpg is the last frame's own bytes");
+}
+
+#[test]
+fn stale_frames_are_dropped_and_counted_never_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let port = free_port();
+    // One frame per 2 s at most, and a frame may wait 0.5 s: the second of two files 0.3 s apart
+    // waits about 1.7 s for its turn, so it is stale.
+    let cameras = "[[camera]]\nname = \"slow\"\nsource = \"folder:in\"\nfps = 0.5\nmax_frame_age = 0.5\n";
+    let config = write_config(dir.path(), &cache, port, "", "", cameras);
+    let served = Served::start(&config, port);
+    let images = test_images();
+    std::fs::copy(&images[0], dir.path().join("in/a.jpg")).unwrap();
+    served.next_line();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::copy(&images[1], dir.path().join("in/b.jpg")).unwrap();
+    served.wait_for(|| served.camera("slow")["frames"]["dropped_stale"] == 1, "the stale frame to be counted");
+    assert_eq!(served.camera("slow")["frames"]["processed"], 1);
+    assert_eq!(served.metric("cac_edge_frames_dropped_total{camera=\"slow\",reason=\"stale\"}"), 1.0);
+    assert!(served.lines.recv_timeout(Duration::from_secs(3)).is_err(), "a stale frame must not be classified");
+}
+
+#[test]
+fn sigterm_stops_within_5_seconds_and_sighup_reloads_without_restarting_unchanged_cameras() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    for folder in ["a", "b", "c"] {
+        std::fs::create_dir(dir.path().join(folder)).unwrap();
+    }
+    let port = free_port();
+    let lines_file = dir.path().join("decisions.jsonl");
+    let service = format!("json_lines = \"{}\"", lines_file.display());
+    let cameras = "[[camera]]\nname = \"kept\"\nsource = \"folder:a\"\nfps = 50\n\n[[camera]]\nname = \"moved\"\nsource = \"folder:b\"\nfps = 50\n";
+    let config = write_config(dir.path(), &cache, port, "threshold = 0.5", &service, cameras);
+    let mut served = Served::start(&config, port);
+    let images = test_images();
+    std::fs::copy(&images[0], dir.path().join("a/1.jpg")).unwrap();
+    std::fs::copy(&images[0], dir.path().join("b/1.jpg")).unwrap();
+    served.wait_for(|| std::fs::read_to_string(&lines_file).is_ok_and(|text| text.lines().count() == 2), "two lines in the file");
+
+    // logrotate renames the file, then sends SIGHUP; the new config changes the threshold and
+    // camera "moved"'s folder.
+    std::fs::rename(&lines_file, dir.path().join("decisions.jsonl.1")).unwrap();
+    let cameras = cameras.replace("folder:b", "folder:c");
+    write_config(dir.path(), &cache, port, "threshold = 0.25", &service, &cameras);
+    served.signal("HUP");
+    served.wait_for(|| served.metric("cac_edge_reloads_total{result=\"ok\"}") == 1.0, "the reload");
+    assert_eq!(served.camera("kept")["frames"]["processed"], 1, "the unchanged camera kept its state");
+    assert_eq!(served.camera("moved")["frames"]["processed"], 0, "the changed camera was restarted");
+    std::fs::copy(&images[1], dir.path().join("a/2.jpg")).unwrap();
+    std::fs::copy(&images[1], dir.path().join("c/2.jpg")).unwrap();
+    served.wait_for(|| std::fs::read_to_string(&lines_file).is_ok_and(|text| text.lines().count() == 2), "two lines in the new file");
+    let new_lines: Vec<serde_json::Value> = std::fs::read_to_string(&lines_file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert!(new_lines.iter().all(|line| line["threshold"] == 0.25), "{new_lines:?}");
+
+    // An invalid config is refused: the service keeps running as it was and says why.
+    std::fs::write(&config, "[model]\nbundle = 1\n").unwrap();
+    served.signal("HUP");
+    served.wait_for(|| served.metric("cac_edge_reloads_total{result=\"refused\"}") == 1.0, "the refused reload");
+    assert!(served.stderr().contains("reload refused"), "{}", served.stderr());
+    std::fs::copy(&images[2], dir.path().join("a/3.jpg")).unwrap();
+    served.wait_for(|| served.camera("kept")["frames"]["processed"] == 2, "the old config to keep serving");
+
+    // SIGTERM with a frame in flight: exit 0 within 5 s, every decision written.
+    std::fs::copy(&images[0], dir.path().join("a/4.jpg")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    served.signal("TERM");
+    let (status, took) = served.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", served.stderr());
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    let written = std::fs::read_to_string(&lines_file).unwrap();
+    assert!(written.ends_with('\n') && written.lines().all(|line| serde_json::from_str::<serde_json::Value>(line).is_ok()), "{written}");
+}
+
+#[test]
+fn systemd_gets_ready_watchdog_and_stopping_notifications() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &cache, port, "", "", "[[camera]]\nname = \"drop\"\nsource = \"folder:in\"\n");
+    let mut served = Served::start_with(&config, port, |command| {
+        command.env("NOTIFY_SOCKET", &socket_path).env("WATCHDOG_USEC", "400000");
+    });
+    let mut received: Vec<String> = Vec::new();
+    let mut buffer = [0u8; 512];
+    let receive = |received: &mut Vec<String>, buffer: &mut [u8]| {
+        let length = socket.recv(buffer).expect("a notification within 30 s");
+        received.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+    };
+    while received.iter().filter(|message| message.as_str() == "WATCHDOG=1").count() < 3 {
+        receive(&mut received, &mut buffer);
+    }
+    assert!(received[0].starts_with("READY=1\nSTATUS="), "{received:?}");
+    served.signal("TERM");
+    while !received.iter().any(|message| message == "STOPPING=1") {
+        receive(&mut received, &mut buffer);
+    }
+    assert!(served.wait_exit().0.success());
+}
