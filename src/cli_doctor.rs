@@ -26,6 +26,12 @@ pub(crate) struct DoctorArgs {
     /// The threshold classify will be run with (reported with the calibration).
     #[arg(long, value_parser = probability, help_heading = OUTPUT)]
     threshold: Option<f64>,
+    /// The service's config (serve.toml): checks it, each camera's source, the bundle and cache it
+    /// names (unless --bundle is given), and — when the service runs — each camera's last frame
+    /// age from its HTTP API.
+    #[cfg(feature = "serve")]
+    #[arg(long, value_name = "FILE", help_heading = MODEL)]
+    config: Option<PathBuf>,
     /// Print the checks as JSON instead of text.
     #[arg(long, help_heading = OUTPUT)]
     json: bool,
@@ -35,13 +41,30 @@ pub(crate) struct DoctorArgs {
 
 /// `runtime` is the outcome of loading ONNX Runtime: doctor reports a failure instead of stopping.
 pub(crate) fn run(args: &DoctorArgs, runtime: Result<&Arc<Runtime>, &RuntimeError>) -> Result<ExitCode> {
-    let request = DoctorRequest {
+    let mut request = DoctorRequest {
         session: args.runtime.session_options(),
         bundle: args.bundle.clone(),
         cache: args.cache.clone(),
         threshold: args.threshold,
     };
-    let checks = doctor::examine(&request, runtime.map(Arc::as_ref));
+    #[cfg(feature = "serve")]
+    let service_checks = match &args.config {
+        Some(path) => {
+            let (checks, config) = cac_edge::serve::doctor::service_checks(path);
+            if let (Some(config), None) = (config, &request.bundle) {
+                request.bundle = Some(config.model.bundle);
+                request.cache = Some(config.model.cache);
+                request.threshold = request.threshold.or(config.model.options.threshold);
+                request.session = config.model.options.session;
+            }
+            checks
+        }
+        None => Vec::new(),
+    };
+    #[allow(unused_mut, reason = "only the serve feature adds checks")]
+    let mut checks = doctor::examine(&request, runtime.map(Arc::as_ref));
+    #[cfg(feature = "serve")]
+    checks.extend(service_checks);
     let text = if args.json { serde_json::to_string_pretty(&checks)? + "\n" } else { human(&checks) };
     print_stdout(&text)?;
     Ok(if doctor::healthy(&checks) { ExitCode::SUCCESS } else { ExitCode::from(2) })

@@ -41,11 +41,13 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+    /// A check that passed.
+    pub fn ok(name: &'static str, detail: impl Into<String>) -> Check {
         Check { name, status: Status::Ok, detail: detail.into(), fix: None }
     }
 
-    fn problem(name: &'static str, status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    /// A warning or a failure, with what to do about it.
+    pub fn problem(name: &'static str, status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Check {
         Check { name, status, detail: detail.into(), fix: Some(fix.into()) }
     }
 }

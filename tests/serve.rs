@@ -341,3 +341,46 @@ fn systemd_gets_ready_watchdog_and_stopping_notifications() {
     }
     assert!(served.wait_exit().0.success());
 }
+
+#[test]
+fn doctor_checks_the_config_the_sources_and_the_running_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let port = free_port();
+    // A camera whose host refuses connections: unreachable for doctor, restarting in the service.
+    let closed = free_port();
+    let cameras = format!(
+        "[[camera]]\nname = \"drop\"\nsource = \"folder:in\"\n\n[[camera]]\nname = \"gone\"\nsource = \"http://127.0.0.1:{closed}/snap.jpg\"\nstall_after = 2\n"
+    );
+    let config = write_config(dir.path(), &cache, port, "", "", &cameras);
+    let doctor = || command().args(["doctor", "--json", "--config"]).arg(&config).output().expect("doctor");
+    let checks = |output: &std::process::Output| -> Vec<serde_json::Value> { serde_json::from_slice(&output.stdout).expect("doctor JSON") };
+    let find = |checks: &[serde_json::Value], name: &str, needle: &str| -> serde_json::Value {
+        checks.iter().find(|check| check["name"] == name && check["detail"].as_str().unwrap_or("").contains(needle)).cloned().unwrap_or_else(|| panic!("no {name} check about {needle}: {checks:?}"))
+    };
+    let output = doctor();
+    let before = checks(&output);
+    assert_eq!(output.status.code(), Some(2), "the unreachable camera fails");
+    assert_eq!(find(&before, "config", "valid")["status"], "ok");
+    assert_eq!(find(&before, "cache", "verified")["status"], "ok");
+    assert_eq!(find(&before, "camera", "drop: folder")["status"], "ok");
+    assert_eq!(find(&before, "camera", "gone:")["status"], "fail");
+    assert_eq!(find(&before, "service", "not answering")["status"], "warn");
+
+    let served = Served::start(&config, port);
+    std::fs::copy(&test_images()[0], dir.path().join("in/1.jpg")).unwrap();
+    served.next_line();
+    served.wait_for(|| served.camera("gone")["restarts"].as_u64() >= Some(1), "the failing source to be restarted");
+    let during = checks(&doctor());
+    assert_eq!(find(&during, "service", "running")["status"], "ok");
+    assert_eq!(find(&during, "frames", "drop: running")["status"], "ok");
+    let gone = find(&during, "frames", "gone: restarting");
+    assert_eq!(gone["status"], "fail", "{gone}");
+    drop(served);
+
+    std::fs::write(&config, "[model]\nbundle = \"b\"\n").unwrap();
+    let output = doctor();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(find(&checks(&output), "config", "serve.toml")["detail"].as_str().unwrap().contains("model.cache"));
+}

@@ -11,6 +11,7 @@ pub mod sources;
 pub mod api;
 pub mod camera;
 pub mod config;
+pub mod doctor;
 pub mod metrics;
 pub mod output;
 pub mod review;
