@@ -384,3 +384,126 @@ fn doctor_checks_the_config_the_sources_and_the_running_service() {
     assert_eq!(output.status.code(), Some(2));
     assert!(find(&checks(&output), "config", "serve.toml")["detail"].as_str().unwrap().contains("model.cache"));
 }
+
+/// Starts serve with a stdin camera; returns the child's stdin too.
+fn serve_stdin(dir: &Path, cache: &str, camera_extra: &str) -> (Served, std::process::ChildStdin) {
+    let port = free_port();
+    let cameras = format!("[[camera]]\nname = \"pipe\"\nsource = \"stdin:\"\n{camera_extra}\n");
+    let config = write_config(dir, cache, port, "threshold = 0.0", "", &cameras);
+    let mut served = Served::start(&config, port);
+    let stdin = served.child.stdin.take().expect("stdin");
+    (served, stdin)
+}
+
+#[test]
+fn a_source_faster_than_the_model_keeps_only_the_newest_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    // fps 1: the first frame is taken at once, the next one second later. 40 frames arrive in
+    // a burst meanwhile: the newest of them wins, the other 38 are dropped, none queued.
+    let (mut served, mut stdin) = serve_stdin(dir.path(), &cache, "fps = 1\nmax_frame_age = 30");
+    let frames: Vec<Vec<u8>> = test_images().iter().cycle().take(40).map(|path| std::fs::read(path).unwrap()).collect();
+    for frame in &frames {
+        stdin.write_all(frame).unwrap();
+    }
+    stdin.flush().unwrap();
+    served.wait_for(|| served.camera("pipe")["frames"]["received"] == 40 && served.camera("pipe")["frames"]["processed"] == 2, "the burst to be handled");
+    let camera = served.camera("pipe");
+    assert_eq!(camera["frames"]["dropped_busy"], 38, "{camera}");
+    assert_eq!(camera["frames"]["dropped_stale"], 0, "{camera}");
+    let (_, newest) = get(served.port, "/api/cameras/pipe/latest.jpg").expect("latest.jpg");
+    assert_eq!(newest, frames[39], "the frame classified second is the newest one");
+    assert_eq!(served.metric("cac_edge_frames_dropped_total{camera=\"pipe\",reason=\"busy\"}"), 38.0);
+    // End of input: the only source has ended, so the service stops by itself, exit 0.
+    drop(stdin);
+    let (status, _) = served.wait_exit();
+    assert!(status.success(), "{}", served.stderr());
+    assert!(served.stderr().contains("every source has ended"), "{}", served.stderr());
+}
+
+#[test]
+fn corrupt_frames_on_stdin_are_counted_and_the_good_ones_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let (served, mut stdin) = serve_stdin(dir.path(), &cache, "fps = 1000");
+    let images = test_images();
+    let good = std::fs::read(&images[0]).unwrap();
+    let reference = classify_reference(&cache, &images[0], "0.0");
+    // Each good frame is written after the previous decision, so none is replaced.
+    let mut send_and_expect = |bytes: &[u8]| {
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+        let line = served.next_line();
+        assert_eq!(line["label"], reference["label"], "{line}");
+    };
+    send_and_expect(&good);
+    // Garbage between frames, then a good frame.
+    let mut garbage = b"\x00\x01garbage between frames\xff\x00".to_vec();
+    garbage.extend_from_slice(&good);
+    send_and_expect(&garbage);
+    // A frame cut short (the camera dropped bytes), then a good one: the cut frame never
+    // becomes a decision, the good one does.
+    let mut cut = good[..good.len() / 3].to_vec();
+    cut.extend_from_slice(&good);
+    send_and_expect(&cut);
+    served.wait_for(|| served.camera("pipe")["frames"]["processed"] == 3, "three decisions");
+    let camera = served.camera("pipe");
+    let problems = camera["frames"]["refused"].as_u64().unwrap() + camera["frames"]["failed"].as_u64().unwrap();
+    assert!(problems >= 1, "the cut frame is counted: {camera}");
+    assert!(served.lines.recv_timeout(Duration::from_millis(500)).is_err(), "no decision for a broken frame");
+}
+
+/// A camera on loopback that answers snapshot requests only while `serving` is set; otherwise it
+/// accepts the connection and says nothing (a stalled camera).
+fn stalling_camera(jpeg: Vec<u8>, serving: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for stream in listener.incoming() {
+            if started.elapsed() > WAIT * 2 {
+                break;
+            }
+            let Ok(mut stream) = stream else { continue };
+            let jpeg = jpeg.clone();
+            let serving = std::sync::Arc::clone(&serving);
+            std::thread::spawn(move || {
+                let mut request = [0u8; 2048];
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = stream.read(&mut request);
+                if serving.load(Ordering::SeqCst) {
+                    let header = format!("HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", jpeg.len());
+                    let _ = stream.write_all(header.as_bytes());
+                    let _ = stream.write_all(&jpeg);
+                } else {
+                    // Hold the connection open, silent, for at most 20 s.
+                    std::thread::sleep(Duration::from_secs(20));
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_stalled_camera_is_restarted_and_readyz_says_which_until_frames_flow_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let serving = std::sync::Arc::new(AtomicBool::new(false));
+    let camera_port = stalling_camera(std::fs::read(&test_images()[0]).unwrap(), std::sync::Arc::clone(&serving));
+    let port = free_port();
+    let cameras = format!("[[camera]]\nname = \"yard\"\nsource = \"http://127.0.0.1:{camera_port}/snapshot.jpg\"\nfps = 5\nstall_after = 1\n");
+    let config = write_config(dir.path(), &cache, port, "", "", &cameras);
+    let served = Served::start(&config, port);
+    served.wait_for(|| served.camera("yard")["restarts"].as_u64() >= Some(2), "two restarts of the stalled source");
+    let (status, body) = get(port, "/readyz").unwrap();
+    assert_eq!((status, text(&body).trim()), (503, "no fresh frames from: yard"));
+    assert!(served.metric("cac_edge_source_restarts_total{camera=\"yard\"}") >= 2.0);
+    assert_eq!(served.metric("cac_edge_camera_fresh{camera=\"yard\"}"), 0.0);
+    serving.store(true, Ordering::SeqCst);
+    served.wait_for(|| get(port, "/readyz").is_some_and(|(status, _)| status == 200), "frames to flow again");
+    served.next_line();
+    assert_eq!(served.camera("yard")["phase"], "running");
+}
