@@ -27,7 +27,7 @@ const SERVICE: &str = "Service";
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
-    /// The service's configuration (TOML; docs/SERVE.md).
+    /// The service's configuration (TOML; docs/FORMATS.md §7).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH, help_heading = SERVICE)]
     config: PathBuf,
     /// Check the configuration, open the bundle and verify the cache it names, then exit (0 valid,

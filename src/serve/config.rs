@@ -1,4 +1,4 @@
-//! serve.toml: the service's configuration (format in docs/SERVE.md).
+//! serve.toml: the service's configuration (format in docs/FORMATS.md §7).
 //!
 //! Every error names the file, the line and the key, so that a box's installer can fix it from
 //! the journal alone. Relative paths are relative to the config file's folder. `${NAME}` in a
@@ -247,7 +247,7 @@ pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
         line: None,
         key: None,
         message: match error.kind() {
-            std::io::ErrorKind::NotFound => "no such file; write one (see docs/SERVE.md, or the example the .deb installs) or pass --config".to_string(),
+            std::io::ErrorKind::NotFound => "no such file; write one (see docs/FORMATS.md §7, or the example the .deb installs) or pass --config".to_string(),
             _ => format!("cannot read it: {error}"),
         },
     })?;

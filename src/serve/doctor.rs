@@ -20,7 +20,7 @@ pub fn service_checks(config_path: &Path) -> (Vec<Check>, Option<ServeConfig>) {
     let config = match config::load(config_path) {
         Ok(config) => config,
         Err(error) => {
-            let fix = "fix the line named, then `cac-edge serve --check-config` (docs/SERVE.md lists every key)";
+            let fix = "fix the line named, then `cac-edge serve --check-config` (docs/FORMATS.md §7 lists every key)";
             return (vec![Check::problem("config", Status::Fail, error.to_string(), fix)], None);
         }
     };

@@ -13,7 +13,7 @@ use super::config::JsonLinesTarget;
 use super::frame::Frame;
 use crate::Prediction;
 
-/// One classified frame: a JSON line (docs/SERVE.md).
+/// One classified frame: a JSON line (docs/FORMATS.md §8).
 #[derive(Debug, Clone, Serialize)]
 pub struct FrameRecord<'a> {
     /// The camera's name.

@@ -310,6 +310,7 @@ impl Service {
         if let Some(api) = self.api.take() {
             api.stop();
         }
+        tracing::debug!("stopped in {} ms", (grace.as_secs_f64() - deadline.saturating_duration_since(Instant::now()).as_secs_f64()) * 1000.0);
     }
 
     /// The HTTP settings in force.
