@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{bundle_dir, build_cache_cli, command, fixture, text};
+use common::{build_cache_cli, bundle_dir, command, fixture, text};
 
 /// The longest any single wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(60);
@@ -154,7 +154,8 @@ fn write_config(dir: &Path, cache: &str, port: u16, model_extra: &str, service_e
 }
 
 fn test_images() -> Vec<PathBuf> {
-    let mut images: Vec<PathBuf> = std::fs::read_dir(fixture("images/photos")).expect("photos").map(|entry| entry.expect("entry").path()).collect();
+    let mut images: Vec<PathBuf> =
+        std::fs::read_dir(fixture("images/photos")).expect("photos").map(|entry| entry.expect("entry").path()).collect();
     images.sort();
     images.retain(|path| path.extension().is_some_and(|extension| extension == "jpg"));
     assert!(images.len() >= 3, "the test photos");
@@ -163,7 +164,11 @@ fn test_images() -> Vec<PathBuf> {
 
 /// What `cac-edge classify` says of `image`: the independent reference for the service's lines.
 fn classify_reference(cache: &str, image: &Path, threshold: &str) -> serde_json::Value {
-    let output = common::classify_command(cache).args(["--device", "cpu", "--threshold", threshold]).arg(image).output().expect("classify");
+    let output = common::classify_command(cache)
+        .args(["--device", "cpu", "--threshold", threshold])
+        .arg(image)
+        .output()
+        .expect("classify");
     assert!(output.status.success(), "{}", text(&output.stderr));
     serde_json::from_slice(&output.stdout).expect("one JSON line")
 }
@@ -172,7 +177,8 @@ fn classify_reference(cache: &str, image: &Path, threshold: &str) -> serde_json:
 fn config_errors_name_the_file_line_and_key_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
-    let config = write_config(dir.path(), &cache, free_port(), "", "", "[[camera]]\nname = \"door\"\nsource = \"folder:in\"\nfps = 0\n");
+    let config =
+        write_config(dir.path(), &cache, free_port(), "", "", "[[camera]]\nname = \"door\"\nsource = \"folder:in\"\nfps = 0\n");
     let output = command().args(["serve", "--check-config", "--config"]).arg(&config).output().expect("run");
     assert_eq!(output.status.code(), Some(2));
     let stderr = text(&output.stderr);
@@ -211,7 +217,10 @@ fn a_folder_camera_classifies_each_complete_file_once_like_classify_does() {
     assert_eq!(line["label"], reference["label"]);
     let (confidence, expected) = (line["confidence"].as_f64().unwrap(), reference["confidence"].as_f64().unwrap());
     assert!((confidence - expected).abs() < 1e-6, "{confidence} vs {expected}");
-    assert_eq!(line["uncalibrated_confidence"].as_f64().map(|value| (value * 1e6).round()), reference["uncalibrated_confidence"].as_f64().map(|value| (value * 1e6).round()));
+    assert_eq!(
+        line["uncalibrated_confidence"].as_f64().map(|value| (value * 1e6).round()),
+        reference["uncalibrated_confidence"].as_f64().map(|value| (value * 1e6).round())
+    );
     for key in ["captured_at", "frame_age_ms", "decision", "threshold", "contrast", "device", "weight"] {
         assert!(line.get(key).is_some(), "{key} missing from {line}");
     }
@@ -288,8 +297,12 @@ fn sigterm_stops_within_5_seconds_and_sighup_reloads_without_restarting_unchange
     assert_eq!(served.camera("moved")["frames"]["processed"], 0, "the changed camera was restarted");
     std::fs::copy(&images[1], dir.path().join("a/2.jpg")).unwrap();
     std::fs::copy(&images[1], dir.path().join("c/2.jpg")).unwrap();
-    served.wait_for(|| std::fs::read_to_string(&lines_file).is_ok_and(|text| text.lines().count() == 2), "two lines in the new file");
-    let new_lines: Vec<serde_json::Value> = std::fs::read_to_string(&lines_file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    served.wait_for(
+        || std::fs::read_to_string(&lines_file).is_ok_and(|text| text.lines().count() == 2),
+        "two lines in the new file",
+    );
+    let new_lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&lines_file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert!(new_lines.iter().all(|line| line["threshold"] == 0.25), "{new_lines:?}");
 
     // An invalid config is refused: the service keeps running as it was and says why.
@@ -308,7 +321,10 @@ fn sigterm_stops_within_5_seconds_and_sighup_reloads_without_restarting_unchange
     assert!(status.success(), "{status:?}\n{}", served.stderr());
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
     let written = std::fs::read_to_string(&lines_file).unwrap();
-    assert!(written.ends_with('\n') && written.lines().all(|line| serde_json::from_str::<serde_json::Value>(line).is_ok()), "{written}");
+    assert!(
+        written.ends_with('\n') && written.lines().all(|line| serde_json::from_str::<serde_json::Value>(line).is_ok()),
+        "{written}"
+    );
 }
 
 #[test]
@@ -355,9 +371,15 @@ fn doctor_checks_the_config_the_sources_and_the_running_service() {
     );
     let config = write_config(dir.path(), &cache, port, "", "", &cameras);
     let doctor = || command().args(["doctor", "--json", "--config"]).arg(&config).output().expect("doctor");
-    let checks = |output: &std::process::Output| -> Vec<serde_json::Value> { serde_json::from_slice(&output.stdout).expect("doctor JSON") };
+    let checks = |output: &std::process::Output| -> Vec<serde_json::Value> {
+        serde_json::from_slice(&output.stdout).expect("doctor JSON")
+    };
     let find = |checks: &[serde_json::Value], name: &str, needle: &str| -> serde_json::Value {
-        checks.iter().find(|check| check["name"] == name && check["detail"].as_str().unwrap_or("").contains(needle)).cloned().unwrap_or_else(|| panic!("no {name} check about {needle}: {checks:?}"))
+        checks
+            .iter()
+            .find(|check| check["name"] == name && check["detail"].as_str().unwrap_or("").contains(needle))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} check about {needle}: {checks:?}"))
     };
     let output = doctor();
     let before = checks(&output);
@@ -407,7 +429,10 @@ fn a_source_faster_than_the_model_keeps_only_the_newest_frame() {
         stdin.write_all(frame).unwrap();
     }
     stdin.flush().unwrap();
-    served.wait_for(|| served.camera("pipe")["frames"]["received"] == 40 && served.camera("pipe")["frames"]["processed"] == 2, "the burst to be handled");
+    served.wait_for(
+        || served.camera("pipe")["frames"]["received"] == 40 && served.camera("pipe")["frames"]["processed"] == 2,
+        "the burst to be handled",
+    );
     let camera = served.camera("pipe");
     assert_eq!(camera["frames"]["dropped_busy"], 38, "{camera}");
     assert_eq!(camera["frames"]["dropped_stale"], 0, "{camera}");
@@ -473,7 +498,10 @@ fn stalling_camera(jpeg: Vec<u8>, serving: std::sync::Arc<std::sync::atomic::Ato
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 let _ = stream.read(&mut request);
                 if serving.load(Ordering::SeqCst) {
-                    let header = format!("HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", jpeg.len());
+                    let header = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        jpeg.len()
+                    );
                     let _ = stream.write_all(header.as_bytes());
                     let _ = stream.write_all(&jpeg);
                 } else {
@@ -494,7 +522,9 @@ fn a_stalled_camera_is_restarted_and_readyz_says_which_until_frames_flow_again()
     let serving = std::sync::Arc::new(AtomicBool::new(false));
     let camera_port = stalling_camera(std::fs::read(&test_images()[0]).unwrap(), std::sync::Arc::clone(&serving));
     let port = free_port();
-    let cameras = format!("[[camera]]\nname = \"yard\"\nsource = \"http://127.0.0.1:{camera_port}/snapshot.jpg\"\nfps = 5\nstall_after = 1\n");
+    let cameras = format!(
+        "[[camera]]\nname = \"yard\"\nsource = \"http://127.0.0.1:{camera_port}/snapshot.jpg\"\nfps = 5\nstall_after = 1\n"
+    );
     let config = write_config(dir.path(), &cache, port, "", "", &cameras);
     let served = Served::start(&config, port);
     served.wait_for(|| served.camera("yard")["restarts"].as_u64() >= Some(2), "two restarts of the stalled source");

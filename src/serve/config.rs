@@ -301,11 +301,14 @@ impl Checker<'_> {
         let raw = raw.into_inner();
         let bundle = raw.bundle.as_ref().ok_or_else(|| self.error(Some(span.clone()), "model.bundle", "missing: the bundle directory"))?;
         let cache = raw.cache.as_ref().ok_or_else(|| self.error(Some(span), "model.cache", "missing: the text-feature cache (`cac-edge cache build` writes it)"))?;
-        let mut options = ClassifierOptions::default();
-        options.verify_bundle_files = raw.verify.unwrap_or(true);
-        options.cache.verify_checksum = options.verify_bundle_files;
-        options.session = self.session(&raw)?;
-        options.calibration = self.calibration(&raw)?;
+        let verify = raw.verify.unwrap_or(true);
+        let mut options = ClassifierOptions {
+            verify_bundle_files: verify,
+            cache: crate::cache::CacheOpenOptions { verify_checksum: verify },
+            session: self.session(&raw)?,
+            calibration: self.calibration(&raw)?,
+            ..ClassifierOptions::default()
+        };
         if let Some(threshold) = &raw.threshold {
             crate::decide::validate_threshold(*threshold.get_ref()).map_err(|why| self.error(Some(threshold.span()), "model.threshold", why))?;
             options.threshold = Some(*threshold.get_ref());

@@ -129,9 +129,8 @@ fn running_service_checks(address: SocketAddr) -> Vec<Check> {
         let age = camera["last_frame_age_s"].as_f64().map_or_else(|| "no frame yet".to_string(), |age| format!("last frame {age:.1} s ago"));
         let reason = camera["reason"].as_str().map(|reason| format!(" ({reason})")).unwrap_or_default();
         let detail = format!("{name}: {phase}{reason}, {age}, {} restarts", camera["restarts"]);
-        if camera["fresh"].as_bool() == Some(true) {
-            checks.push(Check::ok("frames", detail));
-        } else if phase == "disabled" || phase == "ended" {
+        // A disabled camera or an ended stdin has no frames to be fresh.
+        if camera["fresh"].as_bool() == Some(true) || phase == "disabled" || phase == "ended" {
             checks.push(Check::ok("frames", detail));
         } else {
             checks.push(Check::problem("frames", Status::Fail, detail, "see `journalctl -u cac-edge` for the source's errors; `cac-edge doctor` above checks it is reachable"));
