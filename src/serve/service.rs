@@ -358,6 +358,7 @@ struct Scheduler {
     sinks: Vec<Box<dyn DecisionSink>>,
     notifier: Arc<Mutex<Notifier>>,
     schedules: HashMap<String, CameraSchedule>,
+    last_output_error_log: Option<Instant>,
 }
 
 /// The longest the scheduler sleeps without looking around (stop, reload, watchdog).
@@ -367,7 +368,7 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Scheduler {
     fn new(shared: Arc<Shared>, classifier: Classifier, sinks: Vec<Box<dyn DecisionSink>>, notifier: Arc<Mutex<Notifier>>) -> Scheduler {
-        Scheduler { shared, classifier, sinks, notifier, schedules: HashMap::new() }
+        Scheduler { shared, classifier, sinks, notifier, schedules: HashMap::new(), last_output_error_log: None }
     }
 
     fn run(mut self) {
@@ -527,12 +528,8 @@ impl Scheduler {
             tracing::info!("camera {}: state is now {}", taken.schedule, prediction.label);
         }
         let event = DecisionEvent { camera: &taken.schedule, frame: &taken.frame, record: &record };
-        for sink in &mut self.sinks {
-            if let Err(error) = sink.decision(&event) {
-                self.shared.sink_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("an output failed: {error}");
-            }
-        }
+        let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.decision(&event).err()).collect();
+        self.output_failed(failures);
         let record = serde_json::to_value(&record).unwrap_or_default();
         // The payload is shared (an Arc), not copied; pixels are encoded only when the API asks.
         *lock(&camera.latest) = Some(Latest { record, frame: taken.frame.payload.clone() });
@@ -548,10 +545,19 @@ impl Scheduler {
             }
         }
         let record = FailedFrameRecord { camera: &taken.schedule, captured_at: rfc3339(taken.frame.captured_at), error: error.to_string() };
-        for sink in &mut self.sinks {
-            if let Err(error) = sink.failure(&record) {
-                self.shared.sink_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("an output failed: {error}");
+        let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.failure(&record).err()).collect();
+        self.output_failed(failures);
+    }
+
+    /// Counts output errors and logs them, at most one line per [`FAILURE_LOG_INTERVAL`] (a
+    /// full disk must not also flood the journal).
+    fn output_failed(&mut self, failures: Vec<std::io::Error>) {
+        for error in failures {
+            self.shared.sink_errors.fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            if self.last_output_error_log.is_none_or(|last| now.duration_since(last) >= FAILURE_LOG_INTERVAL) {
+                self.last_output_error_log = Some(now);
+                tracing::warn!("an output failed: {error} (further output errors within {} s are counted, not logged)", FAILURE_LOG_INTERVAL.as_secs());
             }
         }
     }
