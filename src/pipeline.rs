@@ -359,6 +359,20 @@ impl Classifier {
         preprocess_frames(frames.iter(), &self.preprocess, first_index)
     }
 
+    /// How this bundle's frames are preprocessed (a pipelined caller preprocesses the next batch
+    /// on another thread while the encoder runs).
+    #[cfg(feature = "serve")]
+    pub(crate) fn preprocess_config(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    /// Classifies a ready `[N, 3, S, S]` tensor, preprocessed elsewhere.
+    #[cfg(feature = "serve")]
+    pub(crate) fn classify_pixels(&mut self, pixels: Array4<f32>) -> Result<Vec<Prediction>, PipelineError> {
+        let logits = self.logits_of_pixels(pixels)?;
+        self.predictions(&logits)
+    }
+
     fn logits_of_pixels(&mut self, pixels: Array4<f32>) -> Result<BatchLogits, PipelineError> {
         let embeddings = self.encode_pixels(pixels.view())?;
         Ok(self.logits_of_embeddings(&embeddings))

@@ -407,14 +407,23 @@ fn doctor_checks_the_config_the_sources_and_the_running_service() {
     assert!(find(&checks(&output), "config", "serve.toml")["detail"].as_str().unwrap().contains("model.cache"));
 }
 
-/// Starts serve with a stdin camera; returns the child's stdin too.
-fn serve_stdin(dir: &Path, cache: &str, camera_extra: &str) -> (Served, std::process::ChildStdin) {
+/// Starts serve with a stdin camera; returns a feeder of its stdin: bytes sent are written by a
+/// thread (a service that stops reading cannot block the test), and dropping it closes stdin.
+fn serve_stdin(dir: &Path, cache: &str, camera_extra: &str) -> (Served, mpsc::Sender<Vec<u8>>) {
     let port = free_port();
     let cameras = format!("[[camera]]\nname = \"pipe\"\nsource = \"stdin:\"\n{camera_extra}\n");
     let config = write_config(dir, cache, port, "threshold = 0.0", "", &cameras);
     let mut served = Served::start(&config, port);
-    let stdin = served.child.stdin.take().expect("stdin");
-    (served, stdin)
+    let mut stdin = served.child.stdin.take().expect("stdin");
+    let (feed, chunks) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        for chunk in chunks {
+            if stdin.write_all(&chunk).and_then(|()| stdin.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    (served, feed)
 }
 
 #[test]
@@ -423,12 +432,9 @@ fn a_source_faster_than_the_model_keeps_only_the_newest_frame() {
     let cache = build_cache_cli(dir.path());
     // fps 1: the first frame is taken at once, the next one second later. 40 frames arrive in
     // a burst meanwhile: the newest of them wins, the other 38 are dropped, none queued.
-    let (mut served, mut stdin) = serve_stdin(dir.path(), &cache, "fps = 1\nmax_frame_age = 30");
+    let (mut served, stdin) = serve_stdin(dir.path(), &cache, "fps = 1\nmax_frame_age = 30");
     let frames: Vec<Vec<u8>> = test_images().iter().cycle().take(40).map(|path| std::fs::read(path).unwrap()).collect();
-    for frame in &frames {
-        stdin.write_all(frame).unwrap();
-    }
-    stdin.flush().unwrap();
+    stdin.send(frames.concat()).unwrap();
     served.wait_for(
         || served.camera("pipe")["frames"]["received"] == 40 && served.camera("pipe")["frames"]["processed"] == 2,
         "the burst to be handled",
@@ -450,14 +456,13 @@ fn a_source_faster_than_the_model_keeps_only_the_newest_frame() {
 fn corrupt_frames_on_stdin_are_counted_and_the_good_ones_classified() {
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
-    let (served, mut stdin) = serve_stdin(dir.path(), &cache, "fps = 1000");
+    let (served, stdin) = serve_stdin(dir.path(), &cache, "fps = 1000");
     let images = test_images();
     let good = std::fs::read(&images[0]).unwrap();
     let reference = classify_reference(&cache, &images[0], "0.0");
     // Each good frame is written after the previous decision, so none is replaced.
-    let mut send_and_expect = |bytes: &[u8]| {
-        stdin.write_all(bytes).unwrap();
-        stdin.flush().unwrap();
+    let send_and_expect = |bytes: &[u8]| {
+        stdin.send(bytes.to_vec()).unwrap();
         let line = served.next_line();
         assert_eq!(line["label"], reference["label"], "{line}");
     };

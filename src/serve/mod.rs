@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod metrics;
 pub mod output;
 pub mod review;
+mod scheduler;
 pub mod service;
 pub mod state;
 pub mod systemd;

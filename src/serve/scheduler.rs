@@ -1,0 +1,379 @@
+//! The frame path after the mailboxes, in two stages so that the encoder never waits for a
+//! decoder:
+//!
+//! - the **collector** takes the frames that are due (fps cap; stale ones are dropped and
+//!   counted), decodes them (in parallel when several cameras are due together) and preprocesses
+//!   them into one batch tensor;
+//! - the **encoder** classifies each batch, debounces each camera's state and hands every
+//!   decision to the sinks.
+//!
+//! Between them is a channel of one batch: while the encoder runs batch N, the collector
+//! prepares N+1, and no more (a frame's age at decision is at most its wait in the mailbox plus
+//! two encoder runs, and memory holds two batches).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use image::RgbImage;
+use ndarray::Array4;
+
+use super::camera::{Camera, Latest, Phase};
+use super::frame::{lock, Frame, FramePayload};
+use super::output::{rfc3339, DecisionEvent, DecisionSink, FailedFrameRecord, FrameRecord};
+use super::service::Shared;
+use super::state::Debouncer;
+use super::systemd::Notifier;
+use crate::preprocess::{decode_bytes, preprocess_into, PreprocessConfig};
+use crate::{Classifier, DecodeLimits, Decision, Prediction};
+
+/// The longest either stage sleeps without looking around (stop, reload, watchdog).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// At most one log line per camera (or for the outputs) per this long about failures.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One frame taken from a mailbox.
+struct Taken {
+    camera: Arc<Camera>,
+    name: String,
+    frame: Frame,
+}
+
+/// A batch ready for the encoder: the frames whose pixels are rows of `pixels`, in order, and
+/// those that could not be decoded.
+struct PreparedBatch {
+    frames: Vec<(Taken, Arc<RgbImage>)>,
+    pixels: Option<Array4<f32>>,
+    /// The preprocessing the tensor was made with (a reload may change the bundle meanwhile).
+    image_size: u32,
+    failed: Vec<(Taken, String)>,
+}
+
+/// Starts both stages; returns the collector's and the encoder's threads.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    classifier: Classifier,
+    sinks: Vec<Box<dyn DecisionSink>>,
+    notifier: Arc<Mutex<Notifier>>,
+) -> std::io::Result<[std::thread::JoinHandle<()>; 2]> {
+    let (batches_tx, batches) = mpsc::sync_channel(1);
+    let preprocess = classifier.preprocess_config().clone();
+    let limits = *classifier.decode_limits();
+    let batch_size = classifier.batch_size();
+    let collector = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new().name("collector".to_string()).spawn(move || {
+            Collector { shared, next_due: HashMap::new(), batch_size, limits, preprocess }.run(&batches_tx)
+        })?
+    };
+    let encoder = std::thread::Builder::new().name("encoder".to_string()).spawn(move || {
+        Encoder { shared, classifier, sinks, notifier, debouncers: HashMap::new(), failure_logs: HashMap::new(), last_output_error_log: None }
+            .run(&batches)
+    })?;
+    Ok([collector, encoder])
+}
+
+struct Collector {
+    shared: Arc<Shared>,
+    /// When each camera (by identity) may next give a frame: the fps cap.
+    next_due: HashMap<usize, Instant>,
+    batch_size: usize,
+    limits: DecodeLimits,
+    preprocess: PreprocessConfig,
+}
+
+impl Collector {
+    fn run(mut self, batches: &SyncSender<PreparedBatch>) {
+        loop {
+            self.shared.collector_beat();
+            if let Some((preprocess, limits, batch_size)) = self.shared.take_collector_reload() {
+                (self.preprocess, self.limits, self.batch_size) = (preprocess, limits, batch_size);
+            }
+            let generation = self.shared.wake.generation();
+            if self.shared.is_stopping() {
+                // Dropping the sender lets the encoder finish what it has and stop.
+                return;
+            }
+            let (taken, next_due) = self.collect();
+            if taken.is_empty() {
+                if self.shared.in_flight() == 0 && all_sources_ended(&self.shared.cameras()) {
+                    self.shared.set_finished();
+                }
+                let wait = next_due.map_or(IDLE_TICK, |due| due.saturating_duration_since(Instant::now())).min(IDLE_TICK);
+                self.shared.wake.wait_past(generation, wait);
+                continue;
+            }
+            self.shared.batch_started();
+            let batch = self.prepare(taken);
+            // Blocks while the encoder has a batch waiting: the frames of the batch after are
+            // still in their mailboxes, being replaced by newer ones, as they should be.
+            if batches.send(batch).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Takes the frames that are due, up to one batch; returns them and when the next waiting
+    /// frame falls due.
+    fn collect(&mut self) -> (Vec<Taken>, Option<Instant>) {
+        let now = Instant::now();
+        let cameras = self.shared.cameras();
+        self.next_due.retain(|key, _| cameras.iter().any(|camera| camera_key(camera) == *key));
+        let mut taken = Vec::new();
+        let mut next_due: Option<Instant> = None;
+        for camera in cameras {
+            if taken.len() >= self.batch_size {
+                break;
+            }
+            if !camera.mailbox.is_full() {
+                continue;
+            }
+            let due = *self.next_due.entry(camera_key(&camera)).or_insert(now);
+            if due > now {
+                next_due = Some(next_due.map_or(due, |earliest: Instant| earliest.min(due)));
+                continue;
+            }
+            let Some(frame) = camera.mailbox.take() else { continue };
+            let config = camera.config();
+            if frame.waited(now) > config.max_frame_age {
+                camera.stats.stale.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // The fps cap: this camera's next frame is taken one period later. Frames arriving
+            // meanwhile replace each other in the mailbox (counted as dropped, busy).
+            self.next_due.insert(camera_key(&camera), now + Duration::from_secs_f64(1.0 / config.fps));
+            taken.push(Taken { name: config.name, camera, frame });
+        }
+        (taken, next_due)
+    }
+
+    /// Decodes (in parallel when several) and preprocesses the frames into one tensor.
+    fn prepare(&self, taken: Vec<Taken>) -> PreparedBatch {
+        let decoded = decode_all(&taken, &self.limits);
+        let mut frames = Vec::with_capacity(taken.len());
+        let mut failed = Vec::new();
+        for (item, image) in taken.into_iter().zip(decoded) {
+            match image {
+                Ok(image) => frames.push((item, image)),
+                Err(error) => failed.push((item, error)),
+            }
+        }
+        let side = self.preprocess.image_size as usize;
+        let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
+        let mut kept = Vec::with_capacity(frames.len());
+        let mut rows = 0;
+        for (item, image) in frames {
+            let mut row = pixels.index_axis_mut(ndarray::Axis(0), rows);
+            match preprocess_into(&image, &self.preprocess, row.as_slice_mut().unwrap_or_default()) {
+                Ok(()) => {
+                    kept.push((item, image));
+                    rows += 1;
+                }
+                Err(error) => failed.push((item, error.to_string())),
+            }
+        }
+        let pixels = (rows > 0).then(|| pixels.slice_move(ndarray::s![..rows, .., .., ..]));
+        PreparedBatch { frames: kept, pixels, image_size: self.preprocess.image_size, failed }
+    }
+}
+
+/// A camera's identity in the collector's map: a restarted camera (a reload) starts afresh.
+fn camera_key(camera: &Arc<Camera>) -> usize {
+    Arc::as_ptr(camera) as usize
+}
+
+/// Whether every camera's source has ended for good (and at least one ended rather than failed)
+/// and no frame is left: nothing more will come.
+fn all_sources_ended(cameras: &[Arc<Camera>]) -> bool {
+    let done = |camera: &Arc<Camera>| matches!(camera.phase(), Phase::Ended | Phase::Failed(_) | Phase::Disabled) && !camera.mailbox.is_full();
+    !cameras.is_empty() && cameras.iter().all(done) && cameras.iter().any(|camera| camera.phase() == Phase::Ended)
+}
+
+/// Decodes the frames, in parallel when there are several (a 1080p JPEG costs about as much as
+/// a small encoder run).
+fn decode_all(taken: &[Taken], limits: &DecodeLimits) -> Vec<Result<Arc<RgbImage>, String>> {
+    let decode = |item: &Taken| -> Result<Arc<RgbImage>, String> {
+        match &item.frame.payload {
+            FramePayload::Encoded(bytes) => decode_bytes(bytes, limits).map(Arc::new).map_err(|error| error.to_string()),
+            FramePayload::Rgb(image) => Ok(Arc::clone(image)),
+        }
+    };
+    if taken.len() == 1 {
+        return taken.iter().map(decode).collect();
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = taken.iter().map(|item| scope.spawn(move || decode(item))).collect();
+        handles.into_iter().map(|handle| handle.join().unwrap_or_else(|_| Err("the decoder panicked".to_string()))).collect()
+    })
+}
+
+struct Encoder {
+    shared: Arc<Shared>,
+    classifier: Classifier,
+    sinks: Vec<Box<dyn DecisionSink>>,
+    notifier: Arc<Mutex<Notifier>>,
+    /// Each camera's debounced state, by identity (a restarted camera starts afresh).
+    debouncers: HashMap<usize, Debouncer>,
+    failure_logs: HashMap<usize, Instant>,
+    last_output_error_log: Option<Instant>,
+}
+
+impl Encoder {
+    fn run(mut self, batches: &Receiver<PreparedBatch>) {
+        loop {
+            self.ping_watchdog();
+            self.take_reload();
+            let tick = lock(&self.notifier).ping_interval().unwrap_or(IDLE_TICK).min(IDLE_TICK);
+            match batches.recv_timeout(tick) {
+                Ok(batch) => {
+                    self.process(batch);
+                    self.shared.batch_done();
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // The collector stopped (shutdown) and everything it sent is done.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for sink in &mut self.sinks {
+            if let Err(error) = sink.flush() {
+                tracing::warn!("flushing an output at shutdown: {error}");
+            }
+        }
+    }
+
+    /// `WATCHDOG=1` only while both stages go round: a hung encoder or collector stops the pings
+    /// and systemd restarts the service.
+    fn ping_watchdog(&self) {
+        if self.shared.collector_silence() < IDLE_TICK * 5 {
+            lock(&self.notifier).ping_watchdog();
+        }
+    }
+
+    fn take_reload(&mut self) {
+        if let Some(classifier) = self.shared.take_pending_classifier() {
+            self.classifier = classifier;
+        }
+        if let Some(sinks) = self.shared.take_pending_sinks() {
+            for sink in &mut self.sinks {
+                let _ = sink.flush();
+            }
+            self.sinks = sinks;
+        }
+        if self.shared.take_reopen_request() {
+            for sink in &mut self.sinks {
+                if let Err(error) = sink.reopen() {
+                    tracing::error!("reopening an output: {error}");
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, batch: PreparedBatch) {
+        for (item, error) in &batch.failed {
+            self.fail(item, error);
+        }
+        let Some(pixels) = batch.pixels else { return };
+        let pixels = if batch.image_size == self.classifier.preprocess_config().image_size {
+            pixels
+        } else {
+            // A reload changed the bundle while this batch was being prepared.
+            match self.repreprocess(&batch.frames) {
+                Ok(pixels) => pixels,
+                Err(error) => {
+                    for (item, _) in &batch.frames {
+                        self.fail(item, &error);
+                    }
+                    return;
+                }
+            }
+        };
+        let started = Instant::now();
+        let predictions = self.classifier.classify_pixels(pixels);
+        self.shared.inference_seconds.observe(started.elapsed().as_secs_f64());
+        match predictions {
+            Ok(predictions) => {
+                for ((item, _), prediction) in batch.frames.iter().zip(&predictions) {
+                    self.publish(item, prediction);
+                }
+            }
+            Err(error) => {
+                let error = error.to_string();
+                for (item, _) in &batch.frames {
+                    self.fail(item, &error);
+                }
+            }
+        }
+    }
+
+    fn repreprocess(&self, frames: &[(Taken, Arc<RgbImage>)]) -> Result<Array4<f32>, String> {
+        let images = frames.iter().map(|(_, image)| image.as_ref());
+        crate::pipeline::preprocess_frames(images, self.classifier.preprocess_config(), 0).map_err(|error| error.to_string())
+    }
+
+    fn publish(&mut self, item: &Taken, prediction: &Prediction) {
+        let camera = &item.camera;
+        let age = SystemTime::now().duration_since(item.frame.captured_at).unwrap_or_default();
+        self.shared.frame_age_seconds.observe(age.as_secs_f64());
+        camera.stats.processed.fetch_add(1, Ordering::Relaxed);
+        let counter = if prediction.decision == Decision::Accept { &camera.stats.accepted } else { &camera.stats.abstained };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(contrast) = prediction.contrast {
+            camera.stats.contrast.observe(contrast);
+        }
+        let debounce = camera.config().debounce;
+        let cameras = self.shared.cameras();
+        self.debouncers.retain(|key, _| cameras.iter().any(|camera| camera_key(camera) == *key));
+        let debouncer = self.debouncers.entry(camera_key(camera)).or_insert_with(|| Debouncer::new(debounce));
+        debouncer.set_required(debounce);
+        let update = debouncer.update(&prediction.label, prediction.decision);
+        if update.changed {
+            tracing::info!("camera {}: state is now {}", item.name, prediction.label);
+        }
+        let record = FrameRecord {
+            camera: &item.name,
+            captured_at: rfc3339(item.frame.captured_at),
+            frame_age_ms: age.as_secs_f64() * 1000.0,
+            prediction,
+            threshold: self.classifier.threshold().value,
+            device: self.classifier.device().provider.name(),
+            state: update.state.as_deref(),
+            state_changed: update.changed,
+        };
+        let event = DecisionEvent { camera: &item.name, frame: &item.frame, record: &record };
+        let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.decision(&event).err()).collect();
+        let record = serde_json::to_value(&record).unwrap_or_default();
+        // The payload is shared (an Arc), not copied; pixels are encoded only when the API asks.
+        *lock(&camera.latest) = Some(Latest { record, frame: item.frame.payload.clone() });
+        self.output_failed(failures);
+    }
+
+    fn fail(&mut self, item: &Taken, error: &str) {
+        item.camera.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let last = self.failure_logs.get(&camera_key(&item.camera));
+        if last.is_none_or(|last| now.duration_since(*last) >= FAILURE_LOG_INTERVAL) {
+            self.failure_logs.insert(camera_key(&item.camera), now);
+            let quiet = FAILURE_LOG_INTERVAL.as_secs();
+            tracing::warn!("camera {}: a frame failed: {error} (further failures within {quiet} s are counted, not logged)", item.name);
+        }
+        let record = FailedFrameRecord { camera: &item.name, captured_at: rfc3339(item.frame.captured_at), error: error.to_string() };
+        let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.failure(&record).err()).collect();
+        self.output_failed(failures);
+    }
+
+    /// Counts output errors and logs them, at most one line per [`FAILURE_LOG_INTERVAL`] (a
+    /// full disk must not also flood the journal).
+    fn output_failed(&mut self, failures: Vec<std::io::Error>) {
+        for error in failures {
+            self.shared.sink_errors.fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            if self.last_output_error_log.is_none_or(|last| now.duration_since(last) >= FAILURE_LOG_INTERVAL) {
+                self.last_output_error_log = Some(now);
+                let quiet = FAILURE_LOG_INTERVAL.as_secs();
+                tracing::warn!("an output failed: {error} (further output errors within {quiet} s are counted, not logged)");
+            }
+        }
+    }
+}
