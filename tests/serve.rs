@@ -394,6 +394,7 @@ fn doctor_checks_the_config_the_sources_and_the_running_service() {
     std::fs::copy(&test_images()[0], dir.path().join("in/1.jpg")).unwrap();
     served.next_line();
     served.wait_for(|| served.camera("gone")["restarts"].as_u64() >= Some(1), "the failing source to be restarted");
+    served.wait_for(|| served.camera("drop")["phase"] == "running", "the folder camera to be running");
     let during = checks(&doctor());
     assert_eq!(find(&during, "service", "running")["status"], "ok");
     assert_eq!(find(&during, "frames", "drop: running")["status"], "ok");

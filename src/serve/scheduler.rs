@@ -228,6 +228,8 @@ impl Encoder {
             let tick = lock(&self.notifier).ping_interval().unwrap_or(IDLE_TICK).min(IDLE_TICK);
             match batches.recv_timeout(tick) {
                 Ok(batch) => {
+                    // A reload that came while waiting applies to this batch already.
+                    self.take_reload();
                     self.process(batch);
                     self.shared.batch_done();
                 }

@@ -12,6 +12,8 @@ pub struct Notifier {
     socket: Option<(UnixDatagram, NotifyAddress)>,
     watchdog: Option<Duration>,
     last_ping: Option<Instant>,
+    /// Pings start after `READY=1`: before it systemd is still waiting for the start.
+    ready: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +47,7 @@ impl Notifier {
             .and_then(|usec| usec.parse::<u64>().ok())
             .filter(|&usec| usec > 0 && for_us)
             .map(Duration::from_micros);
-        Notifier { socket, watchdog, last_ping: None }
+        Notifier { socket, watchdog, last_ping: None, ready: false }
     }
 
     /// Whether systemd listens.
@@ -77,7 +79,8 @@ impl Notifier {
     }
 
     /// `READY=1` with a status line.
-    pub fn ready(&self, status: &str) {
+    pub fn ready(&mut self, status: &str) {
+        self.ready = true;
         self.send(&format!("READY=1\nSTATUS={status}"));
     }
 
@@ -94,7 +97,7 @@ impl Notifier {
     /// `WATCHDOG=1`, when the watchdog is on and half its timeout passed since the last ping.
     /// Called from the scheduler's loop: if that loop hangs, systemd restarts the service.
     pub fn ping_watchdog(&mut self) {
-        let Some(interval) = self.ping_interval() else { return };
+        let Some(interval) = self.ping_interval().filter(|_| self.ready) else { return };
         if self.last_ping.is_some_and(|last| last.elapsed() < interval) {
             return;
         }
