@@ -113,7 +113,8 @@ impl V4l2Source {
             return Err("empty buffer".into());
         }
         let mut frame = if format.fourcc == YUYV {
-            let image = yuyv_to_rgb(bytes, format.width, format.height, format.bytes_per_line).map_err(|error| error.to_string())?;
+            let image =
+                yuyv_to_rgb(bytes, format.width, format.height, format.bytes_per_line).map_err(|error| error.to_string())?;
             Frame::rgb(image)
         } else {
             if bytes.len() > self.max_frame_bytes {
@@ -163,7 +164,8 @@ impl Stream {
     /// Requests and maps the buffers, queues them all and starts capture.
     fn start(fd: c_int) -> io::Result<Stream> {
         // SAFETY: zeroed: v4l2_requestbuffers is plain integers; all zeros is a valid value.
-        let mut request = v4l2_requestbuffers { count: BUFFERS, type_: VIDEO_CAPTURE, memory: MEMORY_MMAP, ..unsafe { std::mem::zeroed() } };
+        let mut request =
+            v4l2_requestbuffers { count: BUFFERS, type_: VIDEO_CAPTURE, memory: MEMORY_MMAP, ..unsafe { std::mem::zeroed() } };
         ioctl(fd, vidioc::VIDIOC_REQBUFS, &mut request)?;
         if request.count == 0 {
             return Err(io::Error::other("the driver granted no capture buffers"));
@@ -279,7 +281,8 @@ impl Drop for Stream {
             let _ = unsafe { v4l::v4l2::munmap(start, length) };
         }
         // SAFETY: zeroed: plain integers.
-        let mut release = v4l2_requestbuffers { count: 0, type_: VIDEO_CAPTURE, memory: MEMORY_MMAP, ..unsafe { std::mem::zeroed() } };
+        let mut release =
+            v4l2_requestbuffers { count: 0, type_: VIDEO_CAPTURE, memory: MEMORY_MMAP, ..unsafe { std::mem::zeroed() } };
         let _ = ioctl(self.fd, vidioc::VIDIOC_REQBUFS, &mut release);
     }
 }
@@ -301,7 +304,8 @@ fn monotonic_age(buffer: &v4l2_buffer) -> Option<Duration> {
     if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
         return None;
     }
-    let captured = Duration::new(u64::try_from(buffer.timestamp.tv_sec).ok()?, u32::try_from(buffer.timestamp.tv_usec).ok()? * 1000);
+    let captured =
+        Duration::new(u64::try_from(buffer.timestamp.tv_sec).ok()?, u32::try_from(buffer.timestamp.tv_usec).ok()? * 1000);
     let now = Duration::new(u64::try_from(now.tv_sec).ok()?, u32::try_from(now.tv_nsec).ok()?);
     now.checked_sub(captured)
 }

@@ -54,7 +54,7 @@ pub enum PixelFormatError {
 /// default `ycbcr_enc`/`quantization`). `bytes_per_line` is the driver's stride (lines may be
 /// padded); 0 means unpadded (`2 * width`). The last line need not carry its padding.
 pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, bytes_per_line: u32) -> Result<RgbImage, PixelFormatError> {
-    if width == 0 || height == 0 || width % 2 != 0 {
+    if width == 0 || height == 0 || !width.is_multiple_of(2) {
         return Err(PixelFormatError::Size { width, height });
     }
     let line_bytes = width as usize * 2;
