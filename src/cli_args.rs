@@ -46,7 +46,8 @@ impl ModelArgs {
 #[command(next_help_heading = RUNTIME)]
 pub(crate) struct RuntimeArgs {
     /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, then beside the executable, then
-    /// ~/.local/share/cac-edge/onnxruntime/<arch>/).
+    /// ../lib/cac-edge/ and ../lib/ from the executable's directory (the Debian package's
+    /// /usr/lib/cac-edge/), then ~/.local/share/cac-edge/onnxruntime/<arch>/).
     #[arg(long, global = true, value_name = "FILE")]
     pub(crate) ort_lib: Option<PathBuf>,
     /// Execution provider: cpu, cuda, tensorrt, or auto (TensorRT, else CUDA, else CPU).

@@ -386,14 +386,23 @@ fn provider_list(
 
 /// Where cac-edge looks for the library when neither `--ort-lib` nor `ORT_DYLIB_PATH` names it
 /// (either of those is used exclusively), in order:
-/// 1. `libonnxruntime.so` beside the executable, then in `../lib` next to it (packaged installs);
-/// 2. the per-user default where `scripts/setup-onnxruntime` installs it:
+/// 1. `libonnxruntime.so` beside the executable (a copied-together binary and library);
+/// 2. `../lib/cac-edge/` from the executable's directory: the private copy the Debian package
+///    installs (/usr/bin/cac-edge finds /usr/lib/cac-edge/libonnxruntime.so). It comes before
+///    `../lib` so that the library the package was built and tested with wins over an unrelated
+///    (possibly older than 1.17) one in /usr/lib; a GPU build is chosen with `ORT_DYLIB_PATH`;
+/// 3. `../lib/` from the executable's directory (a prefix install: /opt/cac-edge/{bin,lib});
+/// 4. the per-user default where `scripts/setup-onnxruntime` installs it:
 ///    `$XDG_DATA_HOME/cac-edge/onnxruntime/<arch>/` (`~/.local/share/...` when unset).
 pub fn library_candidates() -> Vec<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
         candidates.push(exe_dir.join(LIBRARY_FILE));
-        candidates.push(exe_dir.join("../lib").join(LIBRARY_FILE));
+        // The parent taken lexically, so that doctor and errors show /usr/lib/cac-edge/…, not
+        // /usr/bin/../lib/…; on Linux current_exe is already free of symlinks (/proc/self/exe).
+        let prefix = exe_dir.parent().map_or_else(|| exe_dir.join(".."), Path::to_path_buf);
+        candidates.push(prefix.join("lib/cac-edge").join(LIBRARY_FILE));
+        candidates.push(prefix.join("lib").join(LIBRARY_FILE));
     }
     if let Some(data_dir) = user_data_dir() {
         candidates.push(data_dir.join("cac-edge/onnxruntime").join(std::env::consts::ARCH).join(LIBRARY_FILE));
@@ -469,6 +478,26 @@ mod tests {
         assert!(SessionOptions { tensorrt_fp16: true, tensorrt_workspace: Some(1 << 30), ..SessionOptions::default() }
             .validate()
             .is_ok());
+    }
+
+    #[test]
+    fn the_packaged_private_library_is_searched_after_the_executable_directory_and_before_lib() {
+        let exe_dir = std::env::current_exe().expect("the test binary").parent().expect("a directory").to_path_buf();
+        let prefix = exe_dir.parent().expect("the test binary is not in /");
+        let candidates = library_candidates();
+        let position = |path: PathBuf| candidates.iter().position(|candidate| *candidate == path);
+        let beside = position(exe_dir.join(LIBRARY_FILE)).expect("beside the executable");
+        // /usr/bin/cac-edge → /usr/lib/cac-edge/libonnxruntime.so (written without `..`).
+        let private = position(prefix.join("lib/cac-edge").join(LIBRARY_FILE)).expect("the package's private directory");
+        let lib = position(prefix.join("lib").join(LIBRARY_FILE)).expect("../lib");
+        assert!(beside < private && private < lib, "{candidates:?}");
+        // The per-user default (when HOME or XDG_DATA_HOME is set) comes last.
+        if let Some(user) = user_data_dir() {
+            assert_eq!(
+                candidates.last(),
+                Some(&user.join("cac-edge/onnxruntime").join(std::env::consts::ARCH).join(LIBRARY_FILE))
+            );
+        }
     }
 
     #[test]
