@@ -30,7 +30,8 @@ pub struct ApiServer {
 impl ApiServer {
     /// Listens on `address` and answers from `shared`.
     pub fn start(address: SocketAddr, shared: Arc<Shared>) -> Result<ApiServer, ServeError> {
-        let server = Server::http(address).map_err(|error| ServeError::Listen { address: address.to_string(), reason: error.to_string() })?;
+        let server = Server::http(address)
+            .map_err(|error| ServeError::Listen { address: address.to_string(), reason: error.to_string() })?;
         let bound = server.server_addr().to_ip().unwrap_or(address);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -88,7 +89,9 @@ fn route(url: &str, shared: &Shared) -> Reply {
         "/healthz" => healthz(shared),
         "/readyz" => readyz(shared),
         "/metrics" => with_type(Response::from_data(metrics(shared).into_bytes()), "text/plain; version=0.0.4; charset=utf-8"),
-        "/api/cameras" => json(200, &serde_json::Value::Array(shared.cameras().iter().map(|camera| camera_json(camera)).collect())),
+        "/api/cameras" => {
+            json(200, &serde_json::Value::Array(shared.cameras().iter().map(|camera| camera_json(camera)).collect()))
+        }
         _ => match path.strip_prefix("/api/cameras/") {
             Some(rest) => camera_route(rest, shared),
             None => text(404, "not found; see /api/cameras, /metrics, /healthz, /readyz\n"),
@@ -200,7 +203,9 @@ pub fn metrics(shared: &Shared) -> String {
     per_camera(&mut out, "cac_edge_frames_received_total", "counter", "Frames the camera's source delivered.", &|camera| {
         vec![(String::new(), count(&camera.mailbox.counters.received))]
     });
-    per_camera(&mut out, "cac_edge_frames_processed_total", "counter", "Frames classified.", &|camera| vec![(String::new(), count(&camera.stats.processed))]);
+    per_camera(&mut out, "cac_edge_frames_processed_total", "counter", "Frames classified.", &|camera| {
+        vec![(String::new(), count(&camera.stats.processed))]
+    });
     per_camera(
         &mut out,
         "cac_edge_frames_dropped_total",
@@ -226,17 +231,28 @@ pub fn metrics(shared: &Shared) -> String {
         },
     );
     per_camera(&mut out, "cac_edge_decisions_total", "counter", "Decisions by outcome.", &|camera| {
-        vec![(",decision=\"accept\"".to_string(), count(&camera.stats.accepted)), (",decision=\"abstain\"".to_string(), count(&camera.stats.abstained))]
+        vec![
+            (",decision=\"accept\"".to_string(), count(&camera.stats.accepted)),
+            (",decision=\"abstain\"".to_string(), count(&camera.stats.abstained)),
+        ]
     });
     per_camera(&mut out, "cac_edge_source_restarts_total", "counter", "Source restarts after a failure or a stall.", &|camera| {
         vec![(String::new(), count(&camera.stats.restarts))]
     });
-    per_camera(&mut out, "cac_edge_camera_fresh", "gauge", "1 while the camera's source runs and its frames are fresh.", &|camera| {
-        vec![(String::new(), f64::from(u8::from(camera.is_fresh(now))))]
-    });
-    per_camera(&mut out, "cac_edge_last_frame_age_seconds", "gauge", "Seconds since the camera's newest frame arrived.", &|camera| {
-        camera.last_frame_age(now).map(|age| (String::new(), age.as_secs_f64())).into_iter().collect()
-    });
+    per_camera(
+        &mut out,
+        "cac_edge_camera_fresh",
+        "gauge",
+        "1 while the camera's source runs and its frames are fresh.",
+        &|camera| vec![(String::new(), f64::from(u8::from(camera.is_fresh(now))))],
+    );
+    per_camera(
+        &mut out,
+        "cac_edge_last_frame_age_seconds",
+        "gauge",
+        "Seconds since the camera's newest frame arrived.",
+        &|camera| camera.last_frame_age(now).map(|age| (String::new(), age.as_secs_f64())).into_iter().collect(),
+    );
     header(&mut out, "cac_edge_contrast", "histogram", "CAC's contrast d(x) of classified frames.");
     for camera in &cameras {
         camera.stats.contrast.write(&mut out, "cac_edge_contrast", &format!("camera=\"{}\"", label_value(&camera.config().name)));

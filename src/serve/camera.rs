@@ -112,9 +112,8 @@ impl Camera {
         if enabled {
             let supervised = Arc::clone(&camera);
             let name = camera.config().name;
-            let spawned = std::thread::Builder::new()
-                .name(format!("camera-{name}"))
-                .spawn(move || supervise(&supervised, max_frame_bytes));
+            let spawned =
+                std::thread::Builder::new().name(format!("camera-{name}")).spawn(move || supervise(&supervised, max_frame_bytes));
             match spawned {
                 Ok(handle) => *lock(&camera.supervisor) = Some(handle),
                 Err(error) => camera.set_phase(Phase::Failed(format!("cannot start a thread: {error}"))),

@@ -124,7 +124,10 @@ impl CameraConfig {
 
     /// Whether a change from `self` to `other` needs the source restarted.
     pub fn source_differs(&self, other: &CameraConfig) -> bool {
-        self.source != other.source || self.rtsp_decoder != other.rtsp_decoder || self.fps != other.fps || self.enabled != other.enabled
+        self.source != other.source
+            || self.rtsp_decoder != other.rtsp_decoder
+            || self.fps != other.fps
+            || self.enabled != other.enabled
     }
 }
 
@@ -247,7 +250,9 @@ pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
         line: None,
         key: None,
         message: match error.kind() {
-            std::io::ErrorKind::NotFound => "no such file; write one (see docs/FORMATS.md §7, or the example the .deb installs) or pass --config".to_string(),
+            std::io::ErrorKind::NotFound => {
+                "no such file; write one (see docs/FORMATS.md §7, or the example the .deb installs) or pass --config".to_string()
+            }
             _ => format!("cannot read it: {error}"),
         },
     })?;
@@ -299,8 +304,11 @@ impl Checker<'_> {
         };
         let span = raw.span();
         let raw = raw.into_inner();
-        let bundle = raw.bundle.as_ref().ok_or_else(|| self.error(Some(span.clone()), "model.bundle", "missing: the bundle directory"))?;
-        let cache = raw.cache.as_ref().ok_or_else(|| self.error(Some(span), "model.cache", "missing: the text-feature cache (`cac-edge cache build` writes it)"))?;
+        let bundle =
+            raw.bundle.as_ref().ok_or_else(|| self.error(Some(span.clone()), "model.bundle", "missing: the bundle directory"))?;
+        let cache = raw.cache.as_ref().ok_or_else(|| {
+            self.error(Some(span), "model.cache", "missing: the text-feature cache (`cac-edge cache build` writes it)")
+        })?;
         let verify = raw.verify.unwrap_or(true);
         let mut options = ClassifierOptions {
             verify_bundle_files: verify,
@@ -310,7 +318,8 @@ impl Checker<'_> {
             ..ClassifierOptions::default()
         };
         if let Some(threshold) = &raw.threshold {
-            crate::decide::validate_threshold(*threshold.get_ref()).map_err(|why| self.error(Some(threshold.span()), "model.threshold", why))?;
+            crate::decide::validate_threshold(*threshold.get_ref())
+                .map_err(|why| self.error(Some(threshold.span()), "model.threshold", why))?;
             options.threshold = Some(*threshold.get_ref());
         }
         if let Some(top_k) = &raw.top_k {
@@ -331,7 +340,10 @@ impl Checker<'_> {
     fn session(&self, raw: &RawModel) -> Result<SessionOptions, ConfigError> {
         let mut session = SessionOptions::default();
         if let Some(device) = &raw.device {
-            session.device = device.get_ref().parse::<Device>().map_err(|why| self.error(Some(device.span()), "model.device", why.to_string()))?;
+            session.device = device
+                .get_ref()
+                .parse::<Device>()
+                .map_err(|why| self.error(Some(device.span()), "model.device", why.to_string()))?;
         }
         if let Some(threads) = &raw.threads {
             session.intra_threads = Some(self.integer(threads, "model.threads", 1, MAX_INTRA_THREADS as i64)? as usize);
@@ -347,7 +359,10 @@ impl Checker<'_> {
     fn calibration(&self, raw: &RawModel) -> Result<CalibrationSettings, ConfigError> {
         let method = match &raw.calibration {
             Some(method) => Some(
-                method.get_ref().parse::<CalibrationMethod>().map_err(|why| self.error(Some(method.span()), "model.calibration", why.to_string()))?,
+                method
+                    .get_ref()
+                    .parse::<CalibrationMethod>()
+                    .map_err(|why| self.error(Some(method.span()), "model.calibration", why.to_string()))?,
             ),
             None => None,
         };
@@ -362,7 +377,9 @@ impl Checker<'_> {
         };
         let finite = |value: &Option<Spanned<f64>>, key: &str| -> Result<Option<f64>, ConfigError> {
             match value {
-                Some(value) if !value.get_ref().is_finite() => Err(self.error(Some(value.span()), key, "must be a finite number")),
+                Some(value) if !value.get_ref().is_finite() => {
+                    Err(self.error(Some(value.span()), key, "must be a finite number"))
+                }
                 Some(value) => Ok(Some(*value.get_ref())),
                 None => Ok(None),
             }
@@ -387,7 +404,11 @@ impl Checker<'_> {
             None => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
             Some(address) if address.get_ref().trim().is_empty() => None,
             Some(address) => Some(address.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-                self.error(Some(address.span()), "service.http", format!("`{}` is not an address:port (e.g. 127.0.0.1:8089, or \"\" for no HTTP API)", address.get_ref()))
+                self.error(
+                    Some(address.span()),
+                    "service.http",
+                    format!("`{}` is not an address:port (e.g. 127.0.0.1:8089, or \"\" for no HTTP API)", address.get_ref()),
+                )
             })?),
         };
         let json_lines = match raw.json_lines.as_ref().map(|target| target.get_ref().trim()) {
@@ -428,15 +449,29 @@ impl Checker<'_> {
             let key = |field: &str| format!("camera[{index}].{field}");
             let span = camera.span();
             let camera = camera.get_ref();
-            let name = camera.name.as_ref().ok_or_else(|| self.error(Some(span.clone()), &key("name"), "missing: each camera needs a name"))?;
+            let name = camera
+                .name
+                .as_ref()
+                .ok_or_else(|| self.error(Some(span.clone()), &key("name"), "missing: each camera needs a name"))?;
             if !valid_camera_name(name.get_ref()) {
-                return Err(self.error(Some(name.span()), &key("name"), format!("`{}`: use 1 to 64 letters, digits, `-`, `_` or `.`", name.get_ref())));
+                return Err(self.error(
+                    Some(name.span()),
+                    &key("name"),
+                    format!("`{}`: use 1 to 64 letters, digits, `-`, `_` or `.`", name.get_ref()),
+                ));
             }
             if cameras.iter().any(|other| other.name == *name.get_ref()) {
-                return Err(self.error(Some(name.span()), &key("name"), format!("`{}` is used by an earlier camera; names must be unique", name.get_ref())));
+                return Err(self.error(
+                    Some(name.span()),
+                    &key("name"),
+                    format!("`{}` is used by an earlier camera; names must be unique", name.get_ref()),
+                ));
             }
-            let source = camera.source.as_ref().ok_or_else(|| self.error(Some(span.clone()), &key("source"), "missing: e.g. folder:/var/spool/cam1 or rtsp://host/stream"))?;
-            let expanded = expand_env(source.get_ref(), env).map_err(|why| self.error(Some(source.span()), &key("source"), why))?;
+            let source = camera.source.as_ref().ok_or_else(|| {
+                self.error(Some(span.clone()), &key("source"), "missing: e.g. folder:/var/spool/cam1 or rtsp://host/stream")
+            })?;
+            let expanded =
+                expand_env(source.get_ref(), env).map_err(|why| self.error(Some(source.span()), &key("source"), why))?;
             let mut spec = SourceSpec::parse(&expanded).map_err(|why| self.error(Some(source.span()), &key("source"), why))?;
             if let SourceSpec::Folder(folder) = &spec {
                 spec = SourceSpec::Folder(resolve(base, &folder.to_string_lossy()));
@@ -451,7 +486,13 @@ impl Checker<'_> {
         Ok(cameras)
     }
 
-    fn camera_settings(&self, name: String, source: SourceSpec, raw: &RawCameraSettings, key: &dyn Fn(&str) -> String) -> Result<CameraConfig, ConfigError> {
+    fn camera_settings(
+        &self,
+        name: String,
+        source: SourceSpec,
+        raw: &RawCameraSettings,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<CameraConfig, ConfigError> {
         let seconds = |value: &Option<Spanned<f64>>, field: &str, default: f64, zero_allowed: bool| -> Result<f64, ConfigError> {
             let Some(value) = value else { return Ok(default) };
             let seconds = *value.get_ref();
@@ -477,7 +518,13 @@ impl Checker<'_> {
             Some(decoder) => match decoder.get_ref().as_str() {
                 "ffmpeg" => RtspDecoder::Ffmpeg,
                 "gstreamer" => RtspDecoder::Gstreamer,
-                other => return Err(self.error(Some(decoder.span()), &key("rtsp_decoder"), format!("`{other}`: use ffmpeg or gstreamer"))),
+                other => {
+                    return Err(self.error(
+                        Some(decoder.span()),
+                        &key("rtsp_decoder"),
+                        format!("`{other}`: use ffmpeg or gstreamer"),
+                    ))
+                }
             },
             None => RtspDecoder::default(),
         };
@@ -558,7 +605,11 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
         if name.is_empty() || !name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_') {
             return Err(format!("`${{{name}}}` is not an environment variable name"));
         }
-        let value = env(name).ok_or_else(|| format!("the environment variable {name} is not set (set it in the unit: systemctl edit cac-edge → Environment={name}=…)"))?;
+        let value = env(name).ok_or_else(|| {
+            format!(
+                "the environment variable {name} is not set (set it in the unit: systemctl edit cac-edge → Environment={name}=…)"
+            )
+        })?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -570,7 +621,8 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "[model]\nbundle = \"b\"\ncache = \"c.safetensors\"\n\n[[camera]]\nname = \"door\"\nsource = \"folder:in\"\n";
+    const MINIMAL: &str =
+        "[model]\nbundle = \"b\"\ncache = \"c.safetensors\"\n\n[[camera]]\nname = \"door\"\nsource = \"folder:in\"\n";
 
     fn parse_text(text: &str) -> Result<ServeConfig, ConfigError> {
         parse(text, Path::new("/etc/cac-edge/serve.toml"), &|name| (name == "CAM_PASSWORD").then(|| "s3cret".to_string()))

@@ -48,7 +48,12 @@ fn source_check(camera: &CameraConfig) -> Check {
         SourceSpec::Http(url) | SourceSpec::Rtsp(url) => {
             let decoder = matches!(camera.source, SourceSpec::Rtsp(_)).then_some(camera.rtsp_decoder);
             if let Some(missing) = decoder.and_then(missing_decoder) {
-                return Check::problem("camera", Status::Fail, format!("{name}: {missing} is not installed"), decoder_fix(decoder));
+                return Check::problem(
+                    "camera",
+                    Status::Fail,
+                    format!("{name}: {missing} is not installed"),
+                    decoder_fix(decoder),
+                );
             }
             match reach(url) {
                 Ok(address) => Check::ok("camera", format!("{name}: {} answers at {address}", camera.source)),
@@ -78,13 +83,16 @@ fn missing_decoder(decoder: RtspDecoder) -> Option<&'static str> {
         RtspDecoder::Ffmpeg => "ffmpeg",
         RtspDecoder::Gstreamer => "gst-launch-1.0",
     };
-    let on_path = std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    let on_path =
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
     (!on_path).then_some(program)
 }
 
 fn decoder_fix(decoder: Option<RtspDecoder>) -> &'static str {
     match decoder {
-        Some(RtspDecoder::Gstreamer) => "apt install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav",
+        Some(RtspDecoder::Gstreamer) => {
+            "apt install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav"
+        }
         _ => "apt install ffmpeg",
     }
 }
@@ -100,7 +108,11 @@ fn reach(url: &str) -> Result<SocketAddr, String> {
     } else {
         format!("{host_port}:{default_port}")
     };
-    let address = with_port.to_socket_addrs().map_err(|error| format!("cannot resolve {with_port}: {error}"))?.next().ok_or("no address")?;
+    let address = with_port
+        .to_socket_addrs()
+        .map_err(|error| format!("cannot resolve {with_port}: {error}"))?
+        .next()
+        .ok_or("no address")?;
     TcpStream::connect_timeout(&address, PROBE_TIMEOUT).map_err(|error| format!("cannot connect to {address}: {error}"))?;
     Ok(address)
 }
@@ -120,20 +132,34 @@ fn running_service_checks(address: SocketAddr) -> Vec<Check> {
     };
     let cameras: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
         Ok(cameras) => cameras,
-        Err(error) => return vec![Check::problem("service", Status::Fail, format!("http://{address}/api/cameras: not the service's answer: {error}"), "is another program on this port?")],
+        Err(error) => {
+            return vec![Check::problem(
+                "service",
+                Status::Fail,
+                format!("http://{address}/api/cameras: not the service's answer: {error}"),
+                "is another program on this port?",
+            )]
+        }
     };
     let mut checks = vec![Check::ok("service", format!("running, API on http://{address}"))];
     for camera in cameras {
         let name = camera["name"].as_str().unwrap_or("?");
         let phase = camera["phase"].as_str().unwrap_or("?");
-        let age = camera["last_frame_age_s"].as_f64().map_or_else(|| "no frame yet".to_string(), |age| format!("last frame {age:.1} s ago"));
+        let age = camera["last_frame_age_s"]
+            .as_f64()
+            .map_or_else(|| "no frame yet".to_string(), |age| format!("last frame {age:.1} s ago"));
         let reason = camera["reason"].as_str().map(|reason| format!(" ({reason})")).unwrap_or_default();
         let detail = format!("{name}: {phase}{reason}, {age}, {} restarts", camera["restarts"]);
         // A disabled camera or an ended stdin has no frames to be fresh.
         if camera["fresh"].as_bool() == Some(true) || phase == "disabled" || phase == "ended" {
             checks.push(Check::ok("frames", detail));
         } else {
-            checks.push(Check::problem("frames", Status::Fail, detail, "see `journalctl -u cac-edge` for the source's errors; `cac-edge doctor` above checks it is reachable"));
+            checks.push(Check::problem(
+                "frames",
+                Status::Fail,
+                detail,
+                "see `journalctl -u cac-edge` for the source's errors; `cac-edge doctor` above checks it is reachable",
+            ));
         }
     }
     checks

@@ -29,8 +29,9 @@ pub struct ReviewRing {
 impl ReviewRing {
     /// Opens (creating) the folder and counts what is already there.
     pub fn open(config: &ReviewConfig) -> io::Result<ReviewRing> {
-        std::fs::create_dir_all(&config.folder)
-            .map_err(|error| io::Error::new(error.kind(), format!("{}: cannot create the review folder: {error}", config.folder.display())))?;
+        std::fs::create_dir_all(&config.folder).map_err(|error| {
+            io::Error::new(error.kind(), format!("{}: cannot create the review folder: {error}", config.folder.display()))
+        })?;
         let mut stems: Vec<(String, u64)> = Vec::new();
         for entry in std::fs::read_dir(&config.folder)? {
             let entry = entry?;
@@ -47,7 +48,8 @@ impl ReviewRing {
         }
         stems.sort();
         let total_bytes = stems.iter().map(|(_, bytes)| bytes).sum();
-        let mut ring = ReviewRing { folder: config.folder.clone(), max_bytes: config.max_bytes, entries: stems.into(), total_bytes };
+        let mut ring =
+            ReviewRing { folder: config.folder.clone(), max_bytes: config.max_bytes, entries: stems.into(), total_bytes };
         ring.trim();
         Ok(ring)
     }
@@ -148,9 +150,18 @@ mod tests {
             assert!(ring.total_bytes() <= config.max_bytes);
         }
         assert_eq!(ring.len(), 3);
-        let mut names: Vec<String> = std::fs::read_dir(folder.path()).expect("list").map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(folder.path())
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
-        assert_eq!(names, ["00000000001007-door.jpg", "00000000001007-door.json", "00000000001008-door.jpg", "00000000001008-door.json", "00000000001009-door.jpg", "00000000001009-door.json"]);
+        assert_eq!(
+            names,
+            [
+                "00000000001007-door.jpg", "00000000001007-door.json", "00000000001008-door.jpg", "00000000001008-door.json",
+                "00000000001009-door.jpg", "00000000001009-door.json"
+            ]
+        );
         let reopened = ReviewRing::open(&ReviewConfig { max_bytes: 110, ..config }).expect("reopens");
         assert_eq!((reopened.len(), reopened.total_bytes()), (1, 110));
     }

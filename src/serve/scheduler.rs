@@ -27,7 +27,7 @@ use super::service::Shared;
 use super::state::Debouncer;
 use super::systemd::Notifier;
 use crate::preprocess::{decode_bytes, preprocess_into, PreprocessConfig};
-use crate::{Classifier, DecodeLimits, Decision, Prediction};
+use crate::{Classifier, Decision, DecodeLimits, Prediction};
 
 /// The longest either stage sleeps without looking around (stop, reload, watchdog).
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -64,13 +64,21 @@ pub(crate) fn start(
     let batch_size = classifier.batch_size();
     let collector = {
         let shared = Arc::clone(&shared);
-        std::thread::Builder::new().name("collector".to_string()).spawn(move || {
-            Collector { shared, next_due: HashMap::new(), batch_size, limits, preprocess }.run(&batches_tx)
-        })?
+        std::thread::Builder::new()
+            .name("collector".to_string())
+            .spawn(move || Collector { shared, next_due: HashMap::new(), batch_size, limits, preprocess }.run(&batches_tx))?
     };
     let encoder = std::thread::Builder::new().name("encoder".to_string()).spawn(move || {
-        Encoder { shared, classifier, sinks, notifier, debouncers: HashMap::new(), failure_logs: HashMap::new(), last_output_error_log: None }
-            .run(&batches)
+        Encoder {
+            shared,
+            classifier,
+            sinks,
+            notifier,
+            debouncers: HashMap::new(),
+            failure_logs: HashMap::new(),
+            last_output_error_log: None,
+        }
+        .run(&batches)
     })?;
     Ok([collector, encoder])
 }
@@ -187,7 +195,9 @@ fn camera_key(camera: &Arc<Camera>) -> usize {
 /// Whether every camera's source has ended for good (and at least one ended rather than failed)
 /// and no frame is left: nothing more will come.
 fn all_sources_ended(cameras: &[Arc<Camera>]) -> bool {
-    let done = |camera: &Arc<Camera>| matches!(camera.phase(), Phase::Ended | Phase::Failed(_) | Phase::Disabled) && !camera.mailbox.is_full();
+    let done = |camera: &Arc<Camera>| {
+        matches!(camera.phase(), Phase::Ended | Phase::Failed(_) | Phase::Disabled) && !camera.mailbox.is_full()
+    };
     !cameras.is_empty() && cameras.iter().all(done) && cameras.iter().any(|camera| camera.phase() == Phase::Ended)
 }
 
@@ -358,9 +368,13 @@ impl Encoder {
         if last.is_none_or(|last| now.duration_since(*last) >= FAILURE_LOG_INTERVAL) {
             self.failure_logs.insert(camera_key(&item.camera), now);
             let quiet = FAILURE_LOG_INTERVAL.as_secs();
-            tracing::warn!("camera {}: a frame failed: {error} (further failures within {quiet} s are counted, not logged)", item.name);
+            tracing::warn!(
+                "camera {}: a frame failed: {error} (further failures within {quiet} s are counted, not logged)",
+                item.name
+            );
         }
-        let record = FailedFrameRecord { camera: &item.name, captured_at: rfc3339(item.frame.captured_at), error: error.to_string() };
+        let record =
+            FailedFrameRecord { camera: &item.name, captured_at: rfc3339(item.frame.captured_at), error: error.to_string() };
         let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.failure(&record).err()).collect();
         self.output_failed(failures);
     }

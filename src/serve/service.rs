@@ -179,7 +179,8 @@ impl Shared {
     /// have not.
     pub fn readiness(&self) -> (bool, Vec<String>) {
         let now = Instant::now();
-        let stale: Vec<String> = self.cameras().iter().filter(|camera| !camera.is_fresh(now)).map(|camera| camera.config().name).collect();
+        let stale: Vec<String> =
+            self.cameras().iter().filter(|camera| !camera.is_fresh(now)).map(|camera| camera.config().name).collect();
         (stale.is_empty() && !self.stopping.load(Ordering::SeqCst), stale)
     }
 
@@ -258,7 +259,13 @@ impl Service {
     fn status_line(&self) -> String {
         let model = self.shared.model.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let api = self.api_address().map_or_else(|| "no HTTP API".to_string(), |address| format!("API on http://{address}"));
-        format!("{} camera(s), {} classes, {} on {}, {api}", self.config.cameras.len(), model.classes, model.calibration, model.device)
+        format!(
+            "{} camera(s), {} classes, {} on {}, {api}",
+            self.config.cameras.len(),
+            model.classes,
+            model.calibration,
+            model.device
+        )
     }
 
     /// Whether every camera's source has ended for good (standard input closed) and its last
@@ -308,7 +315,10 @@ impl Service {
         for camera_config in &new_config.cameras {
             let running = old.iter().find(|camera| camera.config().name == camera_config.name);
             match running {
-                Some(camera) if !camera.config().source_differs(camera_config) && self.config.max_frame_bytes == new_config.max_frame_bytes => {
+                Some(camera)
+                    if !camera.config().source_differs(camera_config)
+                        && self.config.max_frame_bytes == new_config.max_frame_bytes =>
+                {
                     camera.update_config(camera_config.clone());
                     kept.push(Arc::clone(camera));
                 }
@@ -354,7 +364,10 @@ impl Service {
         if let Some(api) = self.api.take() {
             api.stop();
         }
-        tracing::debug!("stopped in {} ms", (grace.as_secs_f64() - deadline.saturating_duration_since(Instant::now()).as_secs_f64()) * 1000.0);
+        tracing::debug!(
+            "stopped in {} ms",
+            (grace.as_secs_f64() - deadline.saturating_duration_since(Instant::now()).as_secs_f64()) * 1000.0
+        );
     }
 
     /// The HTTP settings in force.
@@ -374,7 +387,8 @@ fn open_classifier(config: &ServeConfig, runtime: &Arc<Runtime>) -> Result<Class
 }
 
 fn open_sinks(config: &ServeConfig) -> Result<Vec<Box<dyn DecisionSink>>, ServeError> {
-    let mut sinks: Vec<Box<dyn DecisionSink>> = vec![Box::new(JsonLines::open(&config.service.json_lines).map_err(ServeError::Output)?)];
+    let mut sinks: Vec<Box<dyn DecisionSink>> =
+        vec![Box::new(JsonLines::open(&config.service.json_lines).map_err(ServeError::Output)?)];
     if let Some(review) = &config.review {
         sinks.push(Box::new(ReviewRing::open(review).map_err(ServeError::Output)?));
     }

@@ -68,12 +68,17 @@ mod tests {
 
     fn run(required: u32, decisions: &[(&str, Decision)]) -> Vec<(Option<String>, bool)> {
         let mut debouncer = Debouncer::new(required);
-        decisions.iter().map(|(label, decision)| debouncer.update(label, *decision)).map(|update| (update.state, update.changed)).collect()
+        decisions
+            .iter()
+            .map(|(label, decision)| debouncer.update(label, *decision))
+            .map(|update| (update.state, update.changed))
+            .collect()
     }
 
     #[test]
     fn the_state_changes_after_n_identical_accepted_labels() {
-        let updates = run(3, &[("cat", Accept), ("cat", Accept), ("cat", Accept), ("dog", Accept), ("dog", Accept), ("cat", Accept)]);
+        let updates =
+            run(3, &[("cat", Accept), ("cat", Accept), ("cat", Accept), ("dog", Accept), ("dog", Accept), ("cat", Accept)]);
         let states: Vec<_> = updates.iter().map(|(state, _)| state.as_deref()).collect();
         assert_eq!(states, [None, None, Some("cat"), Some("cat"), Some("cat"), Some("cat")]);
         assert_eq!(updates.iter().filter(|(_, changed)| *changed).count(), 1);

@@ -41,7 +41,10 @@ impl Notifier {
                 }
             }
         });
-        let for_us = std::env::var("WATCHDOG_PID").ok().and_then(|pid| pid.parse::<u32>().ok()).is_none_or(|pid| pid == std::process::id());
+        let for_us = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_none_or(|pid| pid == std::process::id());
         let watchdog = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|usec| usec.parse::<u64>().ok())
@@ -68,7 +71,8 @@ impl Notifier {
             #[cfg(target_os = "linux")]
             NotifyAddress::Abstract(name) => {
                 use std::os::linux::net::SocketAddrExt;
-                std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|address| socket.send_to_addr(message.as_bytes(), &address))
+                std::os::unix::net::SocketAddr::from_abstract_name(name)
+                    .and_then(|address| socket.send_to_addr(message.as_bytes(), &address))
             }
             #[cfg(not(target_os = "linux"))]
             NotifyAddress::Abstract(_) => Err(std::io::Error::other("abstract sockets need Linux")),

@@ -59,7 +59,10 @@ impl FrameSource for FolderSource {
     fn run(&mut self, mailbox: &Mailbox, stop: &StopToken) -> Result<SourceEnd, SourceError> {
         let folder = &self.folder;
         if !folder.is_dir() {
-            return Err(SourceError::Protocol(format!("{}: no such folder; create it or fix the camera's source", folder.display())));
+            return Err(SourceError::Protocol(format!(
+                "{}: no such folder; create it or fix the camera's source",
+                folder.display()
+            )));
         }
         let (events_tx, events) = mpsc::channel();
         let mut watcher = notify::recommended_watcher(move |event| {
@@ -74,9 +77,11 @@ impl FrameSource for FolderSource {
             if stop.is_stopped() {
                 return Ok(SourceEnd::Stopped);
             }
-            let wait = pending.iter().map(|file| file.due).min().map_or(StopToken::POLL, |due| {
-                due.saturating_duration_since(Instant::now()).min(StopToken::POLL)
-            });
+            let wait = pending
+                .iter()
+                .map(|file| file.due)
+                .min()
+                .map_or(StopToken::POLL, |due| due.saturating_duration_since(Instant::now()).min(StopToken::POLL));
             match events.recv_timeout(wait) {
                 Ok(Ok(event)) => note_event(&mut pending, &event),
                 Ok(Err(error)) => return Err(watch_error(folder, error)),
@@ -184,7 +189,10 @@ fn note_event(pending: &mut Vec<Pending>, event: &notify::Event) {
         event.kind,
         EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
     );
-    let written = matches!(event.kind, EventKind::Create(CreateKind::File | CreateKind::Any) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any));
+    let written = matches!(
+        event.kind,
+        EventKind::Create(CreateKind::File | CreateKind::Any) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any)
+    );
     if !finished && !written {
         return;
     }

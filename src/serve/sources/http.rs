@@ -56,7 +56,9 @@ impl FrameSource for HttpSource {
                 };
             }
             if !content_type.starts_with("image/") {
-                return Err(SourceError::Protocol(format!("{shown}: answered {content_type:?}, not an image or an MJPEG stream; check the URL")));
+                return Err(SourceError::Protocol(format!(
+                    "{shown}: answered {content_type:?}, not an image or an MJPEG stream; check the URL"
+                )));
             }
             let snapshot = read_body(&mut response.body, self.options.max_frame_bytes, self.options.io_timeout, stop, &shown)?;
             let Some(snapshot) = snapshot else { return Ok(SourceEnd::Stopped) };
@@ -155,7 +157,10 @@ fn request(target: &Target, options: &SourceOptions, stop: &StopToken, shown: &s
             Ok(read) => head.extend_from_slice(&buffer[..read]),
             Err(error) if is_timeout(&error) => {
                 if started.elapsed() > options.io_timeout {
-                    return Err(SourceError::Protocol(format!("{shown}: no answer for {:.0} s", options.io_timeout.as_secs_f64())));
+                    return Err(SourceError::Protocol(format!(
+                        "{shown}: no answer for {:.0} s",
+                        options.io_timeout.as_secs_f64()
+                    )));
                 }
             }
             Err(error) => return Err(io(error)),
@@ -166,10 +171,14 @@ fn request(target: &Target, options: &SourceOptions, stop: &StopToken, shown: &s
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let mut parts = status_line.splitn(3, ' ');
-    let (version, code, reason) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
+    let (version, code, reason) =
+        (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
     let status = code.parse::<u16>().ok().filter(|_| version.starts_with("HTTP/"));
     let status = status.ok_or_else(|| SourceError::Protocol(format!("{shown}: not an HTTP answer: {status_line:?}")))?;
-    let headers = lines.filter_map(|line| line.split_once(':')).map(|(name, value)| (name.trim().to_string(), value.trim().to_string())).collect();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+        .collect();
     Ok(Some((status, reason, headers, stream, leftover)))
 }
 
@@ -178,7 +187,13 @@ fn is_timeout(error: &io::Error) -> bool {
 }
 
 /// Reads a whole snapshot body, bounded; `Ok(None)` when stopped meanwhile.
-fn read_body(body: &mut Body, max_bytes: usize, io_timeout: Duration, stop: &StopToken, shown: &str) -> Result<Option<Vec<u8>>, SourceError> {
+fn read_body(
+    body: &mut Body,
+    max_bytes: usize,
+    io_timeout: Duration,
+    stop: &StopToken,
+    shown: &str,
+) -> Result<Option<Vec<u8>>, SourceError> {
     let mut bytes = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     let mut last_data = Instant::now();
@@ -205,7 +220,9 @@ fn read_body(body: &mut Body, max_bytes: usize, io_timeout: Duration, stop: &Sto
     }
     if let Framing::Length(expected) = body.framing {
         if expected != 0 {
-            return Err(SourceError::Protocol(format!("{shown}: the connection closed {expected} bytes before the snapshot's end")));
+            return Err(SourceError::Protocol(format!(
+                "{shown}: the connection closed {expected} bytes before the snapshot's end"
+            )));
         }
     }
     Ok(Some(bytes))
@@ -322,7 +339,11 @@ struct Target {
 impl Target {
     fn parse(url: &str) -> Result<Target, SourceError> {
         let bad = |why: &str| SourceError::Unsupported(format!("{}: {why}", redact(url)));
-        let rest = url.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("http://")).map(|_| &url[7..]).ok_or_else(|| bad("only http:// URLs are read"))?;
+        let rest = url
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
+            .map(|_| &url[7..])
+            .ok_or_else(|| bad("only http:// URLs are read"))?;
         let (authority, path) = match rest.find(['/', '?']) {
             Some(start) => (&rest[..start], &rest[start..]),
             None => (rest, "/"),
@@ -393,7 +414,8 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let value = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        let value =
+            (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
         for (position, shift) in [18, 12, 6, 0].into_iter().enumerate() {
             if position <= chunk.len() {
                 out.push(char::from(ALPHABET[((value >> shift) & 63) as usize]));
@@ -407,7 +429,12 @@ fn base64(bytes: &[u8]) -> String {
 
 /// A `key=value` parameter of a header value (lowercased text).
 fn parameter<'a>(value: &'a str, key: &str) -> Option<&'a str> {
-    value.split(';').skip(1).filter_map(|part| part.split_once('=')).find(|(name, _)| name.trim().eq_ignore_ascii_case(key)).map(|(_, value)| value.trim().trim_matches('"'))
+    value
+        .split(';')
+        .skip(1)
+        .filter_map(|part| part.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case(key))
+        .map(|(_, value)| value.trim().trim_matches('"'))
 }
 
 fn parameter_cased(value: &str, key: &str) -> Option<String> {
@@ -424,7 +451,10 @@ mod tests {
         assert_eq!((target.host.as_str(), target.port, target.path.as_str()), ("10.0.0.5", 8080, "/cgi-bin/snap.jpg?ch=1"));
         assert_eq!(target.basic_auth.as_deref(), Some(base64(b"admin:p@ss").as_str()));
         let target = Target::parse("HTTP://[::1]/video").expect("parses");
-        assert_eq!((target.host.as_str(), target.port, target.path.as_str(), target.host_header().as_str()), ("::1", 80, "/video", "[::1]"));
+        assert_eq!(
+            (target.host.as_str(), target.port, target.path.as_str(), target.host_header().as_str()),
+            ("::1", 80, "/video", "[::1]")
+        );
         assert_eq!(Target::parse("http://cam").expect("parses").path, "/");
         assert!(Target::parse("http://:80/x").is_err());
         assert!(Target::parse("http://cam:port/x").is_err());
@@ -432,7 +462,14 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc_4648() {
-        for (input, expected) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy"), ("Aladdin:open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ==")] {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+            ("Aladdin:open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+        ] {
             assert_eq!(base64(input.as_bytes()), expected);
         }
         assert_eq!(percent_decode("a%20b%zz%4"), b"a b%zz%4");

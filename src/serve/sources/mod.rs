@@ -195,7 +195,12 @@ pub struct SourceOptions {
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        SourceOptions { max_frame_bytes: 32 << 20, fps: 2.0, io_timeout: Duration::from_secs(10), rtsp_decoder: RtspDecoder::Ffmpeg }
+        SourceOptions {
+            max_frame_bytes: 32 << 20,
+            fps: 2.0,
+            io_timeout: Duration::from_secs(10),
+            rtsp_decoder: RtspDecoder::Ffmpeg,
+        }
     }
 }
 

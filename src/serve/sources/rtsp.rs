@@ -42,7 +42,10 @@ pub fn decoder_command(decoder: RtspDecoder, url: &str, fps: f64) -> Command {
     match decoder {
         RtspDecoder::Ffmpeg => {
             let mut command = Command::new("ffmpeg");
-            command.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-fflags", "nobuffer", "-flags", "low_delay"]);
+            command.args([
+                "-nostdin", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-fflags", "nobuffer", "-flags",
+                "low_delay",
+            ]);
             command.args(["-i", url, "-an", "-vf", &format!("fps={fps}"), "-f", "image2pipe", "-c:v", "mjpeg", "-q:v", "3", "-"]);
             command
         }
@@ -50,8 +53,29 @@ pub fn decoder_command(decoder: RtspDecoder, url: &str, fps: f64) -> Command {
             // The frame rate as a fraction with a denominator of 1000 (0.5 fps → 500/1000).
             let numerator = (fps * 1000.0).round().max(1.0) as u64;
             let mut command = Command::new("gst-launch-1.0");
-            command.args(["-q", "rtspsrc", &format!("location={url}"), "latency=0", "protocols=tcp", "!", "decodebin", "!", "videoconvert", "!"]);
-            command.args(["videorate", "drop-only=true", "!", &format!("video/x-raw,framerate={numerator}/1000"), "!", "jpegenc", "!", "fdsink", "fd=1"]);
+            command.args([
+                "-q",
+                "rtspsrc",
+                &format!("location={url}"),
+                "latency=0",
+                "protocols=tcp",
+                "!",
+                "decodebin",
+                "!",
+                "videoconvert",
+                "!",
+            ]);
+            command.args([
+                "videorate",
+                "drop-only=true",
+                "!",
+                &format!("video/x-raw,framerate={numerator}/1000"),
+                "!",
+                "jpegenc",
+                "!",
+                "fdsink",
+                "fd=1",
+            ]);
             command
         }
     }
@@ -60,7 +84,9 @@ pub fn decoder_command(decoder: RtspDecoder, url: &str, fps: f64) -> Command {
 fn package_of(decoder: RtspDecoder) -> &'static str {
     match decoder {
         RtspDecoder::Ffmpeg => "ffmpeg",
-        RtspDecoder::Gstreamer => "gstreamer1.0-tools, gstreamer1.0-plugins-good, gstreamer1.0-plugins-bad and gstreamer1.0-libav",
+        RtspDecoder::Gstreamer => {
+            "gstreamer1.0-tools, gstreamer1.0-plugins-good, gstreamer1.0-plugins-bad and gstreamer1.0-libav"
+        }
     }
 }
 
@@ -119,7 +145,10 @@ impl FrameSource for RtspSource {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 let last = lock(&last_lines).iter().last().cloned().unwrap_or_default();
                 let last = redact_in(&last, &self.url);
-                Err(SourceError::Child(format!("{shown}: {program} exited ({status}){}", if last.is_empty() { String::new() } else { format!(": {last}") })))
+                Err(SourceError::Child(format!(
+                    "{shown}: {program} exited ({status}){}",
+                    if last.is_empty() { String::new() } else { format!(": {last}") }
+                )))
             }
             Err(error) => Err(error),
         }

@@ -29,7 +29,12 @@ impl FrameSource for StdinSource {
 /// Reads frames from `fd` until its end (`Finished`) or `stop`. A stream that pauses is not an
 /// error here: standard input has no other end to reconnect to, so the stall watchdog (if set)
 /// decides.
-pub fn read_fd(fd: BorrowedFd<'_>, options: &SourceOptions, mailbox: &Mailbox, stop: &StopToken) -> Result<SourceEnd, SourceError> {
+pub fn read_fd(
+    fd: BorrowedFd<'_>,
+    options: &SourceOptions,
+    mailbox: &Mailbox,
+    stop: &StopToken,
+) -> Result<SourceEnd, SourceError> {
     let mut splitter = FrameSplitter::detect(options.max_frame_bytes);
     let forever = std::time::Duration::from_secs(u64::MAX / 4);
     pump(&mut PolledFd::new(fd), &mut splitter, mailbox, stop, forever, "stdin")

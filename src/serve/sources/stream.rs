@@ -92,7 +92,11 @@ impl FrameSplitter {
             let boundary = boundary.strip_prefix("--").unwrap_or(boundary);
             format!("--{boundary}").into_bytes()
         });
-        FrameSplitter { mode: Mode::Multipart(Multipart { delimiter, state: PartState::Delimiter }), buffer: Vec::new(), max_frame_bytes }
+        FrameSplitter {
+            mode: Mode::Multipart(Multipart { delimiter, state: PartState::Delimiter }),
+            buffer: Vec::new(),
+            max_frame_bytes,
+        }
     }
 
     /// Feeds `data`; each whole frame (or refusal) found is passed to `out`, in stream order.
@@ -404,7 +408,8 @@ impl RefusalLog {
     pub fn note(&mut self, source: &str, reason: &str) {
         let now = Instant::now();
         if self.last.is_none_or(|last| now.duration_since(last) >= Self::INTERVAL) {
-            let more = if self.suppressed > 0 { format!(" ({} more since the last report)", self.suppressed) } else { String::new() };
+            let more =
+                if self.suppressed > 0 { format!(" ({} more since the last report)", self.suppressed) } else { String::new() };
             tracing::warn!("{source}: {reason}{more}");
             self.last = Some(now);
             self.suppressed = 0;
@@ -445,7 +450,9 @@ pub fn pump(
                     }
                 });
             }
-            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+            Err(error)
+                if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) =>
+            {
                 if last_data.elapsed() > io_timeout {
                     return Err(SourceError::Protocol(format!("{source}: no data for {:.0} s", io_timeout.as_secs_f64())));
                 }
@@ -524,7 +531,13 @@ mod tests {
 
     /// Frame lengths and refusals, short enough for an assertion message.
     fn summary(pieces: &[Piece]) -> Vec<String> {
-        pieces.iter().map(|piece| match piece { Piece::Frame(bytes) => format!("frame {}", bytes.len()), Piece::Refused(why) => why.clone() }).collect()
+        pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Frame(bytes) => format!("frame {}", bytes.len()),
+                Piece::Refused(why) => why.clone(),
+            })
+            .collect()
     }
 
     fn frames(pieces: &[Piece]) -> Vec<&[u8]> {
@@ -548,7 +561,8 @@ mod tests {
     #[test]
     fn progressive_jpegs_with_many_scans_come_out_whole() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/progressive.jpg");
-        let progressive = std::fs::read(&path).expect("tests/fixtures/images/progressive.jpg (made by make_progressive.sh beside it)");
+        let progressive =
+            std::fs::read(&path).expect("tests/fixtures/images/progressive.jpg (made by make_progressive.sh beside it)");
         let scans = progressive.windows(2).filter(|window| window == &[0xFF, 0xDA]).count();
         assert!(scans > 1, "a progressive JPEG has several scans");
         let stream = [progressive.clone(), progressive.clone()].concat();
@@ -582,7 +596,9 @@ mod tests {
         let b = with_thumbnail(&jpeg(30, 20, 2), &jpeg(8, 8, 3));
         let mut with_lengths = Vec::new();
         for frame in [&a, &b] {
-            with_lengths.extend_from_slice(format!("--myboundary\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", frame.len()).as_bytes());
+            with_lengths.extend_from_slice(
+                format!("--myboundary\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", frame.len()).as_bytes(),
+            );
             with_lengths.extend_from_slice(frame);
             with_lengths.extend_from_slice(b"\r\n");
         }
