@@ -543,3 +543,85 @@ fn a_stalled_camera_is_restarted_and_readyz_says_which_until_frames_flow_again()
     served.next_line();
     assert_eq!(served.camera("yard")["phase"], "running");
 }
+
+/// Whether the Debian programs a test needs are here; when not, the test fails naming the
+/// packages (scripts/setup-test-services installs them), unless CAC_EDGE_SKIP_SERVICES=1.
+fn services_available(programs: &[&str], packages: &str) -> bool {
+    let missing: Vec<&str> = programs.iter().copied().filter(|program| !Path::new(program).exists() && which(program).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CAC_EDGE_SKIP_SERVICES").as_deref() == Ok("1") {
+        eprintln!("skipped: {missing:?} not installed (CAC_EDGE_SKIP_SERVICES=1)");
+        return false;
+    }
+    panic!("{missing:?} not installed: run scripts/setup-test-services (Debian packages {packages})");
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file()))
+}
+
+/// Processes whose command line mentions `needle` (decoder children left behind).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && !cmdline.contains("rtsp_server.py") {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn rtsp_cameras_are_decoded_by_supervised_children_restarted_and_never_left_behind() {
+    if !services_available(&["ffmpeg", "gst-launch-1.0", "/usr/bin/python3"], "ffmpeg gstreamer1.0-tools gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    let rtsp_port = free_port();
+    let server_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/rtsp_server.py");
+    let mut server = Command::new("/usr/bin/python3").arg(&server_script).arg(rtsp_port.to_string()).arg("120").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start the RTSP server");
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut ready).expect("the server's first line");
+    assert_eq!(ready.trim(), "ready", "the GStreamer RTSP server did not start (gir1.2-gst-rtsp-server-1.0 installed?)");
+    let port = free_port();
+    let cameras = format!(
+        "[[camera]]\nname = \"h264\"\nsource = \"rtsp://127.0.0.1:{rtsp_port}/h264\"\nfps = 4\nstall_after = 5\n\n\
+         [[camera]]\nname = \"mjpeg\"\nsource = \"rtsp://127.0.0.1:{rtsp_port}/mjpeg\"\nrtsp_decoder = \"gstreamer\"\nfps = 4\nstall_after = 5\n"
+    );
+    let config = write_config(dir.path(), &cache, port, "", "", &cameras);
+    let mut served = Served::start(&config, port);
+    served.wait_for(
+        || served.camera("h264")["frames"]["processed"].as_u64() >= Some(2) && served.camera("mjpeg")["frames"]["processed"].as_u64() >= Some(2),
+        "decisions from both RTSP cameras",
+    );
+    for camera in ["h264", "mjpeg"] {
+        let (status, jpeg) = get(port, &format!("/api/cameras/{camera}/latest.jpg")).expect("latest.jpg");
+        assert_eq!(status, 200);
+        let frame = image::load_from_memory(&jpeg).expect("a decodable JPEG");
+        assert_eq!((frame.width(), frame.height()), (320, 240), "{camera}");
+    }
+    assert_eq!(served.camera("h264")["restarts"], 0);
+    let url = format!("127.0.0.1:{rtsp_port}/");
+    assert_eq!(processes_mentioning(&url).len(), 2, "one decoder per camera: {:?}", processes_mentioning(&url));
+
+    // The server goes away: each decoder exits, the source fails and is restarted with backoff.
+    let _ = server.kill();
+    let _ = server.wait();
+    served.wait_for(|| served.camera("h264")["restarts"].as_u64() >= Some(1) && served.camera("mjpeg")["restarts"].as_u64() >= Some(1), "restarts of both sources");
+    assert!(served.metric("cac_edge_source_restarts_total{camera=\"h264\"}") >= 1.0);
+
+    served.signal("TERM");
+    let (status, took) = served.wait_exit();
+    assert!(status.success() && took < Duration::from_secs(5), "{status:?} after {took:?}");
+    let start = Instant::now();
+    while !processes_mentioning(&url).is_empty() && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes_mentioning(&url).is_empty(), "decoders left behind: {:?}", processes_mentioning(&url));
+}
