@@ -547,7 +547,8 @@ fn a_stalled_camera_is_restarted_and_readyz_says_which_until_frames_flow_again()
 /// Whether the Debian programs a test needs are here; when not, the test fails naming the
 /// packages (scripts/setup-test-services installs them), unless CAC_EDGE_SKIP_SERVICES=1.
 fn services_available(programs: &[&str], packages: &str) -> bool {
-    let missing: Vec<&str> = programs.iter().copied().filter(|program| !Path::new(program).exists() && which(program).is_none()).collect();
+    let missing: Vec<&str> =
+        programs.iter().copied().filter(|program| !Path::new(program).exists() && which(program).is_none()).collect();
     if missing.is_empty() {
         return true;
     }
@@ -559,7 +560,8 @@ fn services_available(programs: &[&str], packages: &str) -> bool {
 }
 
 fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file()))
+    std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file()))
 }
 
 /// Processes whose command line mentions `needle` (decoder children left behind).
@@ -578,14 +580,24 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 
 #[test]
 fn rtsp_cameras_are_decoded_by_supervised_children_restarted_and_never_left_behind() {
-    if !services_available(&["ffmpeg", "gst-launch-1.0", "/usr/bin/python3"], "ffmpeg gstreamer1.0-tools gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi") {
+    if !services_available(
+        &["ffmpeg", "gst-launch-1.0", "/usr/bin/python3"],
+        "ffmpeg gstreamer1.0-tools gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = build_cache_cli(dir.path());
     let rtsp_port = free_port();
     let server_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/rtsp_server.py");
-    let mut server = Command::new("/usr/bin/python3").arg(&server_script).arg(rtsp_port.to_string()).arg("120").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start the RTSP server");
+    let mut server = Command::new("/usr/bin/python3")
+        .arg(&server_script)
+        .arg(rtsp_port.to_string())
+        .arg("120")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the RTSP server");
     let mut ready = String::new();
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut ready).expect("the server's first line");
     assert_eq!(ready.trim(), "ready", "the GStreamer RTSP server did not start (gir1.2-gst-rtsp-server-1.0 installed?)");
@@ -597,7 +609,10 @@ fn rtsp_cameras_are_decoded_by_supervised_children_restarted_and_never_left_behi
     let config = write_config(dir.path(), &cache, port, "", "", &cameras);
     let mut served = Served::start(&config, port);
     served.wait_for(
-        || served.camera("h264")["frames"]["processed"].as_u64() >= Some(2) && served.camera("mjpeg")["frames"]["processed"].as_u64() >= Some(2),
+        || {
+            served.camera("h264")["frames"]["processed"].as_u64() >= Some(2)
+                && served.camera("mjpeg")["frames"]["processed"].as_u64() >= Some(2)
+        },
         "decisions from both RTSP cameras",
     );
     for camera in ["h264", "mjpeg"] {
@@ -613,7 +628,10 @@ fn rtsp_cameras_are_decoded_by_supervised_children_restarted_and_never_left_behi
     // The server goes away: each decoder exits, the source fails and is restarted with backoff.
     let _ = server.kill();
     let _ = server.wait();
-    served.wait_for(|| served.camera("h264")["restarts"].as_u64() >= Some(1) && served.camera("mjpeg")["restarts"].as_u64() >= Some(1), "restarts of both sources");
+    served.wait_for(
+        || served.camera("h264")["restarts"].as_u64() >= Some(1) && served.camera("mjpeg")["restarts"].as_u64() >= Some(1),
+        "restarts of both sources",
+    );
     assert!(served.metric("cac_edge_source_restarts_total{camera=\"h264\"}") >= 1.0);
 
     served.signal("TERM");

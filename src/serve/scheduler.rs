@@ -7,9 +7,11 @@
 //! - the **encoder** classifies each batch, debounces each camera's state and hands every
 //!   decision to the sinks.
 //!
-//! Between them is a channel of one batch: while the encoder runs batch N, the collector
-//! prepares N+1, and no more (a frame's age at decision is at most its wait in the mailbox plus
-//! two encoder runs, and memory holds two batches).
+//! Between them is a rendezvous: while the encoder runs batch N, the collector prepares N+1 and
+//! hands it over when the encoder is free, and takes no frame meanwhile. So a frame's age at
+//! decision is at most its wait in the mailbox (under 1/fps of a live camera) plus two encoder
+//! runs, frames that arrive meanwhile replace each other in their mailboxes, and memory holds
+//! two batches.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -58,7 +60,8 @@ pub(crate) fn start(
     sinks: Vec<Box<dyn DecisionSink>>,
     notifier: Arc<Mutex<Notifier>>,
 ) -> std::io::Result<[std::thread::JoinHandle<()>; 2]> {
-    let (batches_tx, batches) = mpsc::sync_channel(1);
+    // Capacity 0: `send` returns only when the encoder takes the batch.
+    let (batches_tx, batches) = mpsc::sync_channel(0);
     let preprocess = classifier.preprocess_config().clone();
     let limits = *classifier.decode_limits();
     let batch_size = classifier.batch_size();
@@ -115,8 +118,8 @@ impl Collector {
             }
             self.shared.batch_started();
             let batch = self.prepare(taken);
-            // Blocks while the encoder has a batch waiting: the frames of the batch after are
-            // still in their mailboxes, being replaced by newer ones, as they should be.
+            // Blocks until the encoder is free: the frames of the batch after are still in their
+            // mailboxes, being replaced by newer ones, as they should be.
             if batches.send(batch).is_err() {
                 return;
             }

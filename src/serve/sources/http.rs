@@ -475,6 +475,168 @@ mod tests {
         assert_eq!(percent_decode("a%20b%zz%4"), b"a b%zz%4");
     }
 
+    use crate::serve::frame::{FramePayload, Wake};
+    use std::net::TcpListener;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    fn jpeg(level: u8) -> Vec<u8> {
+        let image = image::RgbImage::from_pixel(32, 24, image::Rgb([level, level, 0]));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut bytes).encode_image(&image).expect("encode");
+        bytes
+    }
+
+    /// A camera on 127.0.0.1 that answers each connection with `respond` (given the request),
+    /// for at most `connections` connections; returns its URL and the requests it saw.
+    fn camera(
+        connections: usize,
+        respond: impl Fn(&str, &mut TcpStream) + Send + 'static,
+    ) -> (String, std::sync::mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://user:p%40ss@127.0.0.1:{}/video", listener.local_addr().expect("address").port());
+        let (requests_tx, requests) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(connections) {
+                let Ok(mut stream) = stream else { continue };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while find(&request, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&request).into_owned();
+                respond(&request, &mut stream);
+                let _ = requests_tx.send(request);
+            }
+        });
+        (url, requests)
+    }
+
+    fn options() -> SourceOptions {
+        SourceOptions { io_timeout: Duration::from_secs(2), fps: 20.0, ..SourceOptions::default() }
+    }
+
+    fn newest(mailbox: &Mailbox) -> Vec<u8> {
+        match mailbox.take().expect("a frame").payload {
+            FramePayload::Encoded(bytes) => bytes.to_vec(),
+            FramePayload::Rgb(_) => panic!("encoded expected"),
+        }
+    }
+
+    #[test]
+    fn mjpeg_streams_with_lengths_or_chunked_deliver_every_frame_and_send_the_credentials() {
+        let frames: Vec<Vec<u8>> = (0..5).map(|level| jpeg(level * 40)).collect();
+        for chunked in [false, true] {
+            let sent = frames.clone();
+            let (url, requests) = camera(1, move |_, stream| {
+                let mut body = Vec::new();
+                for frame in &sent {
+                    body.extend_from_slice(
+                        format!("--Frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", frame.len()).as_bytes(),
+                    );
+                    body.extend_from_slice(frame);
+                    body.extend_from_slice(b"\r\n");
+                }
+                let header = if chunked { "Transfer-Encoding: chunked\r\n" } else { "" };
+                let _ =
+                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=Frame\r\n{header}\r\n");
+                if chunked {
+                    for piece in body.chunks(700) {
+                        let _ = write!(stream, "{:x}\r\n", piece.len());
+                        let _ = stream.write_all(piece);
+                        let _ = stream.write_all(b"\r\n");
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n");
+                } else {
+                    let _ = stream.write_all(&body);
+                }
+            });
+            let mailbox = Mailbox::new(Arc::new(Wake::default()));
+            let error = HttpSource::new(&url, &options())
+                .run(&mailbox, &StopToken::new())
+                .expect_err("the stream ends: an error to restart on");
+            assert!(error.to_string().contains("ended the stream"), "{error}");
+            assert!(!error.to_string().contains("p%40ss"), "{error}");
+            assert_eq!(mailbox.counters.received.load(Ordering::Relaxed), 5, "chunked {chunked}");
+            assert_eq!(newest(&mailbox), frames[4]);
+            let request = requests.recv_timeout(Duration::from_secs(5)).expect("the request");
+            assert!(request.starts_with("GET /video HTTP/1.1\r\n"), "{request}");
+            assert!(request.contains(&format!("Authorization: Basic {}\r\n", base64(b"user:p@ss"))), "{request}");
+        }
+    }
+
+    #[test]
+    fn snapshots_are_polled_and_errors_name_the_status() {
+        let snapshot = jpeg(7);
+        let body = snapshot.clone();
+        let (url, _) = camera(3, move |_, stream| {
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(&body);
+        });
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Wake::default())));
+        let stop = StopToken::new();
+        let runner = {
+            let (mailbox, stop) = (Arc::clone(&mailbox), stop.clone());
+            std::thread::spawn(move || HttpSource::new(&url, &options()).run(&mailbox, &stop))
+        };
+        let started = Instant::now();
+        while mailbox.counters.received.load(Ordering::Relaxed) < 3 && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(mailbox.counters.received.load(Ordering::Relaxed) >= 3);
+        assert_eq!(newest(&mailbox), snapshot);
+        stop.stop();
+        let _ = runner.join().expect("the source thread");
+
+        for (status, needle) in [("404 Not Found", "404 Not Found"), ("401 Unauthorized", "refused the credentials")] {
+            let (url, _) = camera(1, move |_, stream| {
+                let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            });
+            let error = HttpSource::new(&url, &options())
+                .run(&Mailbox::new(Arc::new(Wake::default())), &StopToken::new())
+                .expect_err(status);
+            assert!(error.to_string().contains(needle), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_reset_mid_frame_delivers_nothing_half_and_a_silent_camera_times_out_or_stops() {
+        let frame = jpeg(99);
+        let half = frame[..frame.len() / 2].to_vec();
+        let (url, _) = camera(1, move |_, stream| {
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=b\r\n\r\n--b\r\nContent-Type: image/jpeg\r\n\r\n");
+            let _ = stream.write_all(&half);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        });
+        let mailbox = Mailbox::new(Arc::new(Wake::default()));
+        assert!(HttpSource::new(&url, &options()).run(&mailbox, &StopToken::new()).is_err());
+        assert_eq!(mailbox.counters.received.load(Ordering::Relaxed), 0, "half a frame is never delivered");
+
+        // Headers, then silence: an error after io_timeout (2 s here).
+        let (url, _) = camera(2, |_, stream| {
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=b\r\n\r\n");
+            std::thread::sleep(Duration::from_secs(6));
+        });
+        let started = Instant::now();
+        let error = HttpSource::new(&url, &options()).run(&mailbox, &StopToken::new()).expect_err("silence");
+        assert!(error.to_string().contains("no data for 2 s"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+        // The same silence with a stop: back within a poll or two.
+        let stop = StopToken::new();
+        let stopper = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            stopper.stop();
+        });
+        let started = Instant::now();
+        let end = HttpSource::new(&url, &options()).run(&mailbox, &stop).expect("stops");
+        assert_eq!(end, SourceEnd::Stopped);
+        assert!(started.elapsed() < Duration::from_millis(300) + StopToken::POLL * 3, "{:?}", started.elapsed());
+    }
+
     #[test]
     fn boundary_parameters_keep_their_case() {
         let value = "multipart/x-mixed-replace; boundary=\"MyBoundary\"";
