@@ -159,7 +159,7 @@ struct RawConfig {
     #[serde(default)]
     review: RawReview,
     #[serde(default)]
-    defaults: RawCameraSettings,
+    defaults: RawCamera,
     #[serde(default)]
     camera: Vec<Spanned<RawCamera>>,
 }
@@ -204,20 +204,8 @@ struct RawReview {
     max_megabytes: Option<Spanned<f64>>,
 }
 
+/// A `[[camera]]` table, and `[defaults]` (the same settings, without name and source).
 #[derive(Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-struct RawCameraSettings {
-    enabled: Option<bool>,
-    fps: Option<Spanned<f64>>,
-    max_frame_age: Option<Spanned<f64>>,
-    stall_after: Option<Spanned<f64>>,
-    debounce: Option<Spanned<i64>>,
-    rtsp_decoder: Option<Spanned<String>>,
-}
-
-// The settings are repeated rather than `#[serde(flatten)]`ed: flattening buffers the values
-// and loses their spans.
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCamera {
     name: Option<Spanned<String>>,
@@ -228,19 +216,6 @@ struct RawCamera {
     stall_after: Option<Spanned<f64>>,
     debounce: Option<Spanned<i64>>,
     rtsp_decoder: Option<Spanned<String>>,
-}
-
-impl RawCamera {
-    fn settings(&self) -> RawCameraSettings {
-        RawCameraSettings {
-            enabled: self.enabled,
-            fps: self.fps.clone(),
-            max_frame_age: self.max_frame_age.clone(),
-            stall_after: self.stall_after.clone(),
-            debounce: self.debounce.clone(),
-            rtsp_decoder: self.rtsp_decoder.clone(),
-        }
-    }
 }
 
 /// Reads and checks the config at `path`.
@@ -437,12 +412,17 @@ impl Checker<'_> {
     fn cameras(
         &self,
         raw: &[Spanned<RawCamera>],
-        defaults: &RawCameraSettings,
+        defaults: &RawCamera,
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<CameraConfig>, ConfigError> {
         if raw.is_empty() {
             return Err(self.error(None, "camera", "no [[camera]] configured; add one with a name and a source"));
+        }
+        for (key, value) in [("defaults.name", &defaults.name), ("defaults.source", &defaults.source)] {
+            if let Some(value) = value {
+                return Err(self.error(Some(value.span()), key, "belongs in a [[camera]] table, not in [defaults]"));
+            }
         }
         let mut cameras: Vec<CameraConfig> = Vec::with_capacity(raw.len());
         for (index, camera) in raw.iter().enumerate() {
@@ -476,7 +456,7 @@ impl Checker<'_> {
             if let SourceSpec::Folder(folder) = &spec {
                 spec = SourceSpec::Folder(resolve(base, &folder.to_string_lossy()));
             }
-            let settings = merged(&camera.settings(), defaults);
+            let settings = merged(camera, defaults);
             cameras.push(self.camera_settings(name.get_ref().clone(), spec, &settings, &key)?);
         }
         let stdin_cameras = cameras.iter().filter(|camera| camera.source == SourceSpec::Stdin).count();
@@ -490,7 +470,7 @@ impl Checker<'_> {
         &self,
         name: String,
         source: SourceSpec,
-        raw: &RawCameraSettings,
+        raw: &RawCamera,
         key: &dyn Fn(&str) -> String,
     ) -> Result<CameraConfig, ConfigError> {
         let seconds = |value: &Option<Spanned<f64>>, field: &str, default: f64, zero_allowed: bool| -> Result<f64, ConfigError> {
@@ -569,8 +549,11 @@ pub const DEFAULT_STALL_AFTER: f64 = 30.0;
 /// Identical accepted labels in a row before a camera's published state changes, by default.
 pub const DEFAULT_DEBOUNCE: u32 = 3;
 
-fn merged(camera: &RawCameraSettings, defaults: &RawCameraSettings) -> RawCameraSettings {
-    RawCameraSettings {
+/// A camera's settings, each from the camera, else from `[defaults]`.
+fn merged(camera: &RawCamera, defaults: &RawCamera) -> RawCamera {
+    RawCamera {
+        name: camera.name.clone(),
+        source: camera.source.clone(),
         enabled: camera.enabled.or(defaults.enabled),
         fps: camera.fps.clone().or_else(|| defaults.fps.clone()),
         max_frame_age: camera.max_frame_age.clone().or_else(|| defaults.max_frame_age.clone()),
@@ -665,6 +648,7 @@ mod tests {
             (format!("{MINIMAL}[service]\nhttp = \"localhost\"\n"), 9, Some("service.http")),
             (MINIMAL.replace("cache = ", "# cache = "), 1, Some("model.cache")),
             (MINIMAL.replace("bundle = \"b\"", "bundle = b"), 2, None),
+            (format!("{MINIMAL}[defaults]\nname = \"x\"\n"), 9, Some("defaults.name")),
         ];
         for (text, line, key) in cases {
             let error = parse_text(&text).expect_err(&text);
