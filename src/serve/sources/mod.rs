@@ -1,5 +1,5 @@
 //! Camera sources: each reads one camera as fast as it sends and puts every frame into the
-//! camera's [`Mailbox`](super::frame::Mailbox).
+//! camera's [`Mailbox`].
 //!
 //! A source runs on its own thread under a supervisor (`serve::camera`) that restarts it with
 //! backoff when it fails or stalls. A source never blocks longer than
