@@ -41,6 +41,7 @@ pub(crate) struct DoctorArgs {
 
 /// `runtime` is the outcome of loading ONNX Runtime: doctor reports a failure instead of stopping.
 pub(crate) fn run(args: &DoctorArgs, runtime: Result<&Arc<Runtime>, &RuntimeError>) -> Result<ExitCode> {
+    #[cfg_attr(not(feature = "serve"), allow(unused_mut, reason = "only --config (serve) fills the request in"))]
     let mut request = DoctorRequest {
         session: args.runtime.session_options(),
         bundle: args.bundle.clone(),

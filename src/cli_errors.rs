@@ -43,6 +43,10 @@ pub(crate) fn hint(error: &anyhow::Error) -> Option<String> {
         if let Some(error) = cause.downcast_ref::<PipelineError>() {
             return pipeline_hint(error);
         }
+        #[cfg(feature = "serve")]
+        if let Some(cac_edge::serve::ServeError::Model(error)) = cause.downcast_ref::<cac_edge::serve::ServeError>() {
+            return pipeline_hint(error);
+        }
         if let Some(error) = cause.downcast_ref::<CacheError>() {
             return cache_hint(error);
         }

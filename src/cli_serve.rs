@@ -87,8 +87,7 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
 
 /// `--check-config`: everything `start` would check, without starting.
 fn check(config: cac_edge::serve::ServeConfig, runtime: &std::sync::Arc<Runtime>) -> Result<ExitCode> {
-    let model = &config.model;
-    let classifier = cac_edge::Classifier::open(runtime, &model.bundle, &model.cache, model.options.clone())
+    let classifier = cac_edge::serve::service::open_classifier(&config, runtime)
         .with_context(|| format!("{}: [model] cannot be opened", config.path.display()))?;
     tracing::info!(
         "{}: valid; {} camera(s) ({}), bundle {}, {} classes, threshold {}",

@@ -128,7 +128,7 @@ fn camera_route(rest: &str, shared: &Shared) -> Reply {
 }
 
 fn healthz(shared: &Shared) -> Reply {
-    let silence = shared.scheduler_silence();
+    let silence = shared.collector_silence();
     if silence > HUNG_SCHEDULER {
         text(503, &format!("the scheduler has not run for {} s\n", silence.as_secs()))
     } else {

@@ -90,7 +90,6 @@ pub struct Camera {
     /// Its newest decision.
     pub latest: Mutex<Option<Latest>>,
     phase: Arc<Mutex<Phase>>,
-    started: Instant,
     stop: StopToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -105,7 +104,6 @@ impl Camera {
             stats: CameraStats::default(),
             latest: Mutex::new(None),
             phase: Arc::new(Mutex::new(if enabled { Phase::Starting } else { Phase::Disabled })),
-            started: Instant::now(),
             stop: StopToken::new(),
             supervisor: Mutex::new(None),
         });
@@ -182,11 +180,6 @@ impl Camera {
     /// Asks its source to stop, without waiting.
     pub fn request_stop(&self) {
         self.stop.stop();
-    }
-
-    /// Seconds since the camera was started.
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::config::{self, CameraConfig, ServeConfig};
+use super::sources::stream::find;
 use super::sources::{RtspDecoder, SourceSpec};
 use crate::doctor::{Check, Status};
 
@@ -174,7 +175,7 @@ fn http_get(address: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
     let mut response = Vec::new();
     // The API's answers are small; 16 MiB bounds a stranger on the port.
     stream.take(16 << 20).read_to_end(&mut response).map_err(|error| error.to_string())?;
-    let split = response.windows(4).position(|window| window == b"\r\n\r\n").ok_or("no HTTP header")?;
+    let split = find(&response, b"\r\n\r\n").ok_or("no HTTP header")?;
     let status_line = String::from_utf8_lossy(&response[..split]).lines().next().unwrap_or("").to_string();
     if status_line.split_whitespace().nth(1) != Some("200") {
         return Err(format!("answered `{status_line}`"));

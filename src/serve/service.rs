@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::camera::Camera;
-use super::config::{ServeConfig, ServiceConfig};
+use super::config::ServeConfig;
 use super::frame::{lock, Wake};
 use super::metrics::{Histogram, FRAME_AGE_SECONDS, INFERENCE_SECONDS};
 use super::output::{DecisionSink, JsonLines};
@@ -27,15 +27,9 @@ pub enum ServeError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] super::config::ConfigError),
-    /// The bundle or cache could not be opened.
-    #[error("{path}: {source}")]
-    Model {
-        /// The bundle or cache path.
-        path: String,
-        /// Why.
-        #[source]
-        source: crate::Error,
-    },
+    /// The bundle or cache could not be opened (the error names the file).
+    #[error(transparent)]
+    Model(#[from] crate::Error),
     /// An output could not be opened.
     #[error("{0}")]
     Output(std::io::Error),
@@ -124,16 +118,12 @@ impl Shared {
         self.cameras().into_iter().find(|camera| camera.config().name == name)
     }
 
-    /// How long ago the scheduler's collector went round its loop.
-    pub fn scheduler_silence(&self) -> Duration {
-        self.collector_silence()
-    }
-
     pub(crate) fn collector_beat(&self) {
         *lock(&self.heartbeat) = Instant::now();
     }
 
-    pub(crate) fn collector_silence(&self) -> Duration {
+    /// How long ago the scheduler's collector went round its loop.
+    pub fn collector_silence(&self) -> Duration {
         lock(&self.heartbeat).elapsed()
     }
 
@@ -369,17 +359,13 @@ impl Service {
             (grace.as_secs_f64() - deadline.saturating_duration_since(Instant::now()).as_secs_f64()) * 1000.0
         );
     }
-
-    /// The HTTP settings in force.
-    pub fn service_config(&self) -> &ServiceConfig {
-        &self.config.service
-    }
 }
 
-fn open_classifier(config: &ServeConfig, runtime: &Arc<Runtime>) -> Result<Classifier, ServeError> {
+/// Opens the bundle and cache `config` names (the cache verified unless `verify = false`): what
+/// start, reload and `--check-config` do.
+pub fn open_classifier(config: &ServeConfig, runtime: &Arc<Runtime>) -> Result<Classifier, ServeError> {
     let model = &config.model;
-    let classifier = Classifier::open(runtime, &model.bundle, &model.cache, model.options.clone())
-        .map_err(|source| ServeError::Model { path: model.cache.display().to_string(), source })?;
+    let classifier = Classifier::open(runtime, &model.bundle, &model.cache, model.options.clone())?;
     if let Some(reason) = &classifier.device().fallback_reason {
         tracing::info!("note: {reason}");
     }
