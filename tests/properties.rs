@@ -15,7 +15,7 @@ mod fuzzing;
 use cac_edge::calibrate::{
     argmax, cac_weight, calibrate, dac_factors, logit_contrast, probability_contrast, CacParams, Calibration, ContrastDistance,
 };
-use fuzzing::check;
+use fuzzing::{check, uniform, uniform_f32};
 use ndarray::Array2;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -26,8 +26,8 @@ const REGRESSIONS: &str = "properties";
 /// other classes (ties).
 fn logit() -> impl Strategy<Value = f32> {
     prop_oneof![
-        4 => -100.0f32..100.0,
-        1 => -1.0e6f32..1.0e6,
+        4 => uniform_f32(-100.0, 100.0),
+        1 => uniform_f32(-1.0e6, 1.0e6),
         1 => select(vec![0.0f32, -0.0, 1.0, 25.0, 25.000002, 100.0, -100.0, 1.0e6, -1.0e6, 3.0e38, -3.0e38]),
     ]
 }
@@ -35,8 +35,10 @@ fn logit() -> impl Strategy<Value = f32> {
 /// (fine-tuned, zero-shot, DAC factors) for 2 to 64 classes.
 fn image_logits() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<f32>)> {
     (2usize..64).prop_flat_map(|classes| {
-        let factors =
-            proptest::collection::vec(prop_oneof![Just(1.0f32), (-2.0f32..2.0).prop_map(f32::exp), 1.0e-3f32..1.0e3], classes);
+        let factors = proptest::collection::vec(
+            prop_oneof![Just(1.0f32), uniform_f32(-2.0, 2.0).prop_map(f32::exp), uniform_f32(1.0e-3, 1.0e3)],
+            classes,
+        );
         let ft = prop_oneof![
             proptest::collection::vec(logit(), classes),
             // Every class tied, or tied in pairs.
@@ -50,12 +52,13 @@ fn image_logits() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<f32>)> {
 /// Every valid CAC parameter set (`CacParams::validate` accepts it), weighted towards the
 /// ranges the paper and docs/CALIBRATION.md use.
 fn cac_params() -> impl Strategy<Value = CacParams> {
-    let positive =
-        || prop_oneof![0.05f64..5.0, 1.0e-3f64..1.0e3, Just(1.10), Just(15.0), Just(2.0), Just(f64::MAX), Just(1.0e-300)];
+    let positive = || {
+        prop_oneof![uniform(0.05, 5.0), uniform(1.0e-3, 1.0e3), Just(1.10), Just(15.0), Just(2.0), Just(f64::MAX), Just(1.0e-300)]
+    };
     let thresholds = prop_oneof![
         Just(None),
-        (0.0f64..200.0, 0.0f64..200.0).prop_map(|(a, b)| Some((a.min(b), a.max(b)))),
-        (0.0f64..2.0).prop_map(|a| Some((a, a))),
+        (uniform(0.0, 200.0), uniform(0.0, 200.0)).prop_map(|(a, b)| Some((a.min(b), a.max(b)))),
+        uniform(0.0, 2.0).prop_map(|a| Some((a, a))),
     ];
     (positive(), positive(), prop_oneof![Just(ContrastDistance::Logits), Just(ContrastDistance::Probs)], thresholds)
         .prop_map(|(alpha, k, distance, thresholds)| CacParams { alpha, k, distance, thresholds })
@@ -64,7 +67,7 @@ fn cac_params() -> impl Strategy<Value = CacParams> {
 fn calibration() -> impl Strategy<Value = Calibration> {
     prop_oneof![
         Just(Calibration::None),
-        prop_oneof![0.01f64..100.0, Just(1.0), Just(1.0e-3), Just(1.0e3), Just(f64::MAX), Just(f64::MIN_POSITIVE)]
+        prop_oneof![uniform(0.01, 100.0), Just(1.0), Just(1.0e-3), Just(1.0e3), Just(f64::MAX), Just(f64::MIN_POSITIVE)]
             .prop_map(|temperature| Calibration::Ts { temperature }),
         Just(Calibration::Dac),
         cac_params().prop_map(Calibration::Cac),
@@ -132,7 +135,7 @@ fn weight_is_always_positive_finite_and_at_most_alpha() {
     // α·exp(−d/k) is positive in exact arithmetic, but exp() underflows to 0 in f64 once d/k
     // exceeds ~745 (e.g. k = 0.01 with a logit contrast of 8); before the floor in cac_weight
     // the weight was then exactly 0 (found by this property).
-    check("cac_weight_positive", REGRESSIONS, 16.0, (cac_params(), 0.0f64..1.0e7), |(params, contrast)| {
+    check("cac_weight_positive", REGRESSIONS, 16.0, (cac_params(), uniform(0.0, 1.0e7)), |(params, contrast)| {
         let weight = cac_weight(contrast, &params);
         prop_assert!(weight.is_finite() && weight > 0.0, "weight {} for {:?}, d = {}", weight, params, contrast);
         prop_assert!(weight <= params.alpha.max(f64::MIN_POSITIVE), "weight {} for {:?}", weight, params);
@@ -162,7 +165,7 @@ fn dac_factors_of_normalised_features_are_bounded_and_base_classes_keep_one() {
     // a base class is its own nearest base class (distance 0), so it keeps r = 1.
     let features = (2usize..12, 1usize..8).prop_flat_map(|(classes, dim)| {
         (
-            proptest::collection::vec(-1.0f32..1.0, 2 * classes * dim),
+            proptest::collection::vec(uniform_f32(-1.0, 1.0), 2 * classes * dim),
             proptest::collection::vec(any::<bool>(), classes),
             Just((classes, dim)),
         )
