@@ -125,6 +125,11 @@ impl Camera {
         self.config.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
+    /// Whether its source is a live feed ([`SourceSpec::is_live`](super::sources::SourceSpec::is_live)).
+    pub fn is_live(&self) -> bool {
+        self.config.read().unwrap_or_else(|poisoned| poisoned.into_inner()).source.is_live()
+    }
+
     /// Applies settings that need no source restart (staleness, stall watchdog, debounce).
     pub fn update_config(&self, config: CameraConfig) {
         *self.config.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = config;

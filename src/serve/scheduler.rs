@@ -8,10 +8,18 @@
 //!   decision to the sinks.
 //!
 //! Between them is a rendezvous: while the encoder runs batch N, the collector prepares N+1 and
-//! hands it over when the encoder is free, and takes no frame meanwhile. So a frame's age at
-//! decision is at most its wait in the mailbox (under 1/fps of a live camera) plus two encoder
-//! runs, frames that arrive meanwhile replace each other in their mailboxes, and memory holds
-//! two batches.
+//! hands it over when the encoder is free, and takes no frame meanwhile. Frames that arrive
+//! meanwhile replace each other in their mailboxes, and memory holds two batches.
+//!
+//! With live cameras the collector also paces itself ([`Pace`]): after a handover it waits
+//! until the encoder is about to be free (the encoder's recent time for a batch of that size,
+//! less the collector's recent time to prepare one, with margins) and only then takes frames.
+//! Taken at once, a frame of a camera faster than the model would wait out most of an encoder
+//! run already decoded, its age at decision close to 1/fps + 2 × the encoder time; paced, it is
+//! about 1/fps + its decode + one encoder run. When the estimates are off (a slower batch, a
+//! reload) the encoder waits a little or a frame ages a little, never more than without pacing.
+//! A service with folders only does not pace: their files wait on disk whatever the collector
+//! does, and an encoder kept busy is all that counts there.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -33,6 +41,15 @@ use crate::{Classifier, Decision, DecodeLimits, Prediction};
 
 /// The longest either stage sleeps without looking around (stop, reload, watchdog).
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// The weight of the newest measurement in [`Pace`]'s moving averages.
+const PACE_SMOOTHING: f64 = 0.2;
+/// The collector aims to hand a batch over early enough for an encoder run this many standard
+/// deviations shorter than its mean, with a preparation [`PACE_LEAD`] times its mean, plus
+/// [`PACE_MARGIN`]: a late batch leaves the encoder idle (lost throughput), an early one only
+/// ages its frames by the same amount.
+const PACE_SPREAD: f64 = 1.0;
+const PACE_LEAD: f64 = 1.25;
+const PACE_MARGIN: Duration = Duration::from_millis(2);
 /// At most one log line per camera (or for the outputs) per this long about failures.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -62,18 +79,21 @@ pub(crate) fn start(
 ) -> std::io::Result<[std::thread::JoinHandle<()>; 2]> {
     // Capacity 0: `send` returns only when the encoder takes the batch.
     let (batches_tx, batches) = mpsc::sync_channel(0);
+    let pace = Arc::new(Pace::default());
     let preprocess = classifier.preprocess_config().clone();
     let limits = *classifier.decode_limits();
     let batch_size = classifier.batch_size();
     let collector = {
         let shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("collector".to_string())
-            .spawn(move || Collector { shared, next_due: HashMap::new(), batch_size, limits, preprocess }.run(&batches_tx))?
+        let pace = Arc::clone(&pace);
+        std::thread::Builder::new().name("collector".to_string()).spawn(move || {
+            Collector { shared, pace, next_due: HashMap::new(), batch_size, limits, preprocess }.run(&batches_tx)
+        })?
     };
     let encoder = std::thread::Builder::new().name("encoder".to_string()).spawn(move || {
         Encoder {
             shared,
+            pace,
             classifier,
             sinks,
             notifier,
@@ -88,6 +108,7 @@ pub(crate) fn start(
 
 struct Collector {
     shared: Arc<Shared>,
+    pace: Arc<Pace>,
     /// When each camera (by identity) may next give a frame: the fps cap.
     next_due: HashMap<usize, Instant>,
     batch_size: usize,
@@ -117,11 +138,19 @@ impl Collector {
                 continue;
             }
             self.shared.batch_started();
+            let started = Instant::now();
             let batch = self.prepare(taken);
+            self.pace.prepared(started.elapsed());
+            let size = batch.frames.len();
             // Blocks until the encoder is free: the frames of the batch after are still in their
             // mailboxes, being replaced by newer ones, as they should be.
             if batches.send(batch).is_err() {
                 return;
+            }
+            if self.shared.cameras().iter().any(|camera| camera.is_live()) {
+                if let Some(wait) = self.pace.wait_before_next(size) {
+                    std::thread::sleep(wait.min(IDLE_TICK));
+                }
             }
         }
     }
@@ -222,8 +251,70 @@ fn decode_all(taken: &[Taken], limits: &DecodeLimits) -> Vec<Result<Arc<RgbImage
     })
 }
 
+/// Moving averages of how long each stage takes, shared by both: the encoder's time by batch
+/// size (sinks included: it takes the next batch only after them) and the collector's time to
+/// prepare a batch.
+#[derive(Default)]
+struct Pace {
+    /// Indexed by batch size.
+    encoder: Mutex<Vec<Option<Average>>>,
+    prepare: Mutex<Option<Average>>,
+}
+
+/// An exponentially weighted mean and variance, in seconds.
+#[derive(Clone, Copy, Debug)]
+struct Average {
+    mean: f64,
+    variance: f64,
+}
+
+impl Average {
+    fn add(average: &mut Option<Average>, sample: Duration) {
+        let sample = sample.as_secs_f64();
+        *average = Some(match *average {
+            None => Average { mean: sample, variance: 0.0 },
+            Some(Average { mean, variance }) => {
+                let delta = sample - mean;
+                // West's incremental form of the exponentially weighted variance.
+                Average {
+                    mean: mean + PACE_SMOOTHING * delta,
+                    variance: (1.0 - PACE_SMOOTHING) * (variance + PACE_SMOOTHING * delta * delta),
+                }
+            }
+        });
+    }
+}
+
+impl Pace {
+    fn encoded(&self, size: usize, elapsed: Duration) {
+        if size == 0 {
+            return; // a batch whose every frame failed to decode says nothing of the encoder
+        }
+        let mut encoder = lock(&self.encoder);
+        if encoder.len() <= size {
+            encoder.resize(size + 1, None);
+        }
+        Average::add(&mut encoder[size], elapsed);
+    }
+
+    fn prepared(&self, elapsed: Duration) {
+        Average::add(&mut lock(&self.prepare), elapsed);
+    }
+
+    /// How long the collector should wait, after handing over a batch of `size` frames, before
+    /// taking the next frames; `None` until both stages have been measured.
+    fn wait_before_next(&self, size: usize) -> Option<Duration> {
+        let encoder = lock(&self.encoder).get(size).copied().flatten()?;
+        let prepare = (*lock(&self.prepare))?;
+        let shortest_likely_run = encoder.mean - PACE_SPREAD * encoder.variance.sqrt();
+        let wait = shortest_likely_run - prepare.mean * PACE_LEAD - PACE_MARGIN.as_secs_f64();
+        (wait > 0.0).then(|| Duration::from_secs_f64(wait))
+    }
+}
+
 struct Encoder {
     shared: Arc<Shared>,
+    pace: Arc<Pace>,
     classifier: Classifier,
     sinks: Vec<Box<dyn DecisionSink>>,
     notifier: Arc<Mutex<Notifier>>,
@@ -241,9 +332,12 @@ impl Encoder {
             let tick = lock(&self.notifier).ping_interval().unwrap_or(IDLE_TICK).min(IDLE_TICK);
             match batches.recv_timeout(tick) {
                 Ok(batch) => {
+                    let started = Instant::now();
+                    let size = batch.frames.len();
                     // A reload that came while waiting applies to this batch already.
                     self.take_reload();
                     self.process(batch);
+                    self.pace.encoded(size, started.elapsed());
                     self.shared.batch_done();
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -394,5 +488,62 @@ impl Encoder {
                 tracing::warn!("an output failed: {error} (further output errors within {quiet} s are counted, not logged)");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn pace_waits_for_the_encoder_less_the_preparation() {
+        let pace = Pace::default();
+        assert_eq!(pace.wait_before_next(1), None, "nothing measured yet");
+        pace.encoded(1, 50 * MS);
+        assert_eq!(pace.wait_before_next(1), None, "the preparation not measured yet");
+        pace.prepared(8 * MS);
+        // Steady runs: 50 − 1.25 × 8 − 2 = 38 ms.
+        let wait = pace.wait_before_next(1).expect("both measured");
+        assert!((wait.as_secs_f64() - 0.038).abs() < 1e-9, "{wait:?}");
+        assert_eq!(pace.wait_before_next(4), None, "no batch of 4 measured");
+        // A batch whose frames all failed says nothing of the encoder.
+        pace.encoded(0, Duration::from_secs(5));
+        assert_eq!(pace.wait_before_next(0), None);
+    }
+
+    #[test]
+    fn pace_waits_less_when_the_encoder_varies_and_never_when_preparing_takes_longer() {
+        let steady = Pace::default();
+        let varying = Pace::default();
+        for run in 0..50 {
+            steady.encoded(1, 50 * MS);
+            varying.encoded(1, if run % 2 == 0 { 40 * MS } else { 60 * MS });
+            steady.prepared(8 * MS);
+            varying.prepared(8 * MS);
+        }
+        let steady = steady.wait_before_next(1).expect("measured");
+        let varying = varying.wait_before_next(1).expect("measured");
+        // Alternating 40/60 ms: mean ≈ 50 ms, standard deviation ≈ 10 ms.
+        assert!(varying + 8 * MS < steady && varying > 20 * MS, "steady {steady:?}, varying {varying:?}");
+
+        let slow_decode = Pace::default();
+        slow_decode.encoded(1, 30 * MS);
+        slow_decode.prepared(40 * MS);
+        assert_eq!(slow_decode.wait_before_next(1), None);
+    }
+
+    #[test]
+    fn moving_average_forgets_an_old_value_within_tens_of_samples() {
+        let mut average = None;
+        Average::add(&mut average, 100 * MS);
+        // Each sample keeps 0.8 of the old deviation: 0.8^40 ≈ 1e-4.
+        for _ in 0..40 {
+            Average::add(&mut average, 50 * MS);
+        }
+        let average = average.expect("samples added");
+        assert!((average.mean - 0.050).abs() < 0.001, "{average:?}");
+        assert!(average.variance.sqrt() < 0.001, "{average:?}");
     }
 }

@@ -98,6 +98,12 @@ pub enum SourceSpec {
 }
 
 impl SourceSpec {
+    /// Whether its frames replace each other in the mailbox (a live feed: a camera, a stream),
+    /// as opposed to a folder, whose files wait on disk for their turn and are all classified.
+    pub fn is_live(&self) -> bool {
+        !matches!(self, SourceSpec::Folder(_))
+    }
+
     /// Parses a `source` string; the error says what forms are accepted.
     pub fn parse(source: &str) -> Result<SourceSpec, String> {
         let source = source.trim();
