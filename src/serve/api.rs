@@ -281,6 +281,10 @@ pub fn metrics(shared: &Shared) -> String {
     let _ = writeln!(out, "cac_edge_reloads_total{{result=\"refused\"}} {}", shared.reloads[1].load(Ordering::Relaxed));
     header(&mut out, "cac_edge_output_errors_total", "counter", "Writes to an output (JSON lines, review ring) that failed.");
     let _ = writeln!(out, "cac_edge_output_errors_total {}", shared.sink_errors.load(Ordering::Relaxed));
+    #[cfg(feature = "mqtt")]
+    if let Some(mqtt) = &shared.mqtt {
+        mqtt.write_metrics(&mut out);
+    }
     header(&mut out, "cac_edge_uptime_seconds", "gauge", "Seconds since the service started.");
     let _ = writeln!(out, "cac_edge_uptime_seconds {}", shared.uptime().as_secs_f64());
     out

@@ -90,6 +90,45 @@ pub struct ReviewConfig {
     pub max_bytes: u64,
 }
 
+/// The `[mqtt]` table (docs/FORMATS.md §7).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    /// The broker's host name or address.
+    pub host: String,
+    /// Its port (1883 for `mqtt://`, 8883 for `mqtts://` unless given).
+    pub port: u16,
+    /// TLS (`mqtts://`).
+    pub tls: bool,
+    /// A PEM file of the certificate authorities to trust; `None`: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// User name and password.
+    pub credentials: Option<(String, String)>,
+    /// The client id the broker knows the box by.
+    pub client_id: String,
+    /// The topic prefix.
+    pub prefix: String,
+    /// The on-disk queue's folder.
+    pub queue_dir: PathBuf,
+    /// Its size bound.
+    pub queue_max_bytes: u64,
+    /// MQTT keep-alive: a silent broker is noticed within about 1.5 × this.
+    pub keep_alive: Duration,
+    /// Home Assistant MQTT discovery: its topic prefix (usually `homeassistant`), when on.
+    pub home_assistant: Option<String>,
+}
+
+impl MqttConfig {
+    /// The broker as `mqtt[s]://host:port` (no credentials), for logs.
+    pub fn broker(&self) -> String {
+        format!("{}://{}:{}", if self.tls { "mqtts" } else { "mqtt" }, self.host, self.port)
+    }
+
+    /// The topic of `<prefix>/available`.
+    pub fn availability_topic(&self) -> String {
+        format!("{}/available", self.prefix)
+    }
+}
+
 /// One camera, with the defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CameraConfig {
@@ -142,6 +181,8 @@ pub struct ServeConfig {
     pub service: ServiceConfig,
     /// `[review]`, when a folder is set.
     pub review: Option<ReviewConfig>,
+    /// `[mqtt]`, when a broker is set.
+    pub mqtt: Option<MqttConfig>,
     /// Frames larger than this are refused by every source.
     pub max_frame_bytes: usize,
     /// `[[camera]]`, in file order.
@@ -158,6 +199,7 @@ struct RawConfig {
     service: RawService,
     #[serde(default)]
     review: RawReview,
+    mqtt: Option<Spanned<RawMqtt>>,
     #[serde(default)]
     defaults: RawCamera,
     #[serde(default)]
@@ -204,6 +246,22 @@ struct RawReview {
     max_megabytes: Option<Spanned<f64>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    client_id: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    queue: Option<Spanned<String>>,
+    queue_max_megabytes: Option<Spanned<f64>>,
+    keep_alive: Option<Spanned<f64>>,
+    home_assistant: Option<bool>,
+    discovery_prefix: Option<Spanned<String>>,
+}
+
 /// A `[[camera]]` table, and `[defaults]` (the same settings, without name and source).
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -245,12 +303,16 @@ pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> R
     let model = checker.model(raw.model, base)?;
     let service = checker.service(&raw.service, base)?;
     let review = checker.review(&raw.review, base)?;
+    let mqtt = match &raw.mqtt {
+        Some(mqtt) => Some(checker.mqtt(mqtt, base, env)?),
+        None => None,
+    };
     let max_frame_bytes = match &raw.service.max_frame_megabytes {
         Some(megabytes) => checker.megabytes(megabytes, "service.max_frame_megabytes")? as usize,
         None => SourceOptions::default().max_frame_bytes,
     };
     let cameras = checker.cameras(&raw.camera, &raw.defaults, base, env)?;
-    Ok(ServeConfig { path: path.to_path_buf(), model, service, review, max_frame_bytes, cameras })
+    Ok(ServeConfig { path: path.to_path_buf(), model, service, review, mqtt, max_frame_bytes, cameras })
 }
 
 struct Checker<'a> {
@@ -409,6 +471,105 @@ impl Checker<'_> {
         Ok(Some(ReviewConfig { folder: resolve(base, folder.get_ref()), max_bytes }))
     }
 
+    fn mqtt(&self, raw: &Spanned<RawMqtt>, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<MqttConfig, ConfigError> {
+        if !cfg!(feature = "mqtt") {
+            return Err(self.error(
+                Some(raw.span()),
+                "mqtt",
+                "this build of cac-edge has no MQTT (cargo feature `mqtt`); remove [mqtt] or install a build with it",
+            ));
+        }
+        let table = raw.get_ref();
+        let expanded = |value: &Spanned<String>, key: &str| {
+            expand_env(value.get_ref(), env).map_err(|message| self.error(Some(value.span()), key, message))
+        };
+        let Some(url) = &table.url else {
+            return Err(self.error(
+                Some(raw.span()),
+                "mqtt.url",
+                "missing: the broker, e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example:8883",
+            ));
+        };
+        let (tls, host, port) =
+            parse_broker_url(&expanded(url, "mqtt.url")?).map_err(|message| self.error(Some(url.span()), "mqtt.url", message))?;
+        let credentials = match (&table.username, &table.password) {
+            (Some(user), Some(password)) => Some((expanded(user, "mqtt.username")?, expanded(password, "mqtt.password")?)),
+            (None, None) => None,
+            (Some(user), None) => {
+                return Err(self.error(
+                    Some(user.span()),
+                    "mqtt.username",
+                    "set mqtt.password too (e.g. password = \"${MQTT_PASSWORD}\")",
+                ))
+            }
+            (None, Some(password)) => return Err(self.error(Some(password.span()), "mqtt.password", "set mqtt.username too")),
+        };
+        let host_name = host_name();
+        let client_id = match &table.client_id {
+            Some(id) if id.get_ref().trim().is_empty() || id.get_ref().len() > 128 => {
+                return Err(self.error(Some(id.span()), "mqtt.client_id", "use 1 to 128 characters"))
+            }
+            Some(id) => id.get_ref().trim().to_string(),
+            None => format!("cac-edge-{host_name}"),
+        };
+        let prefix = match &table.prefix {
+            Some(prefix) => {
+                let text = prefix.get_ref().trim().trim_end_matches('/');
+                if text.is_empty() || text.contains(['+', '#', '\0']) || text.starts_with('$') {
+                    return Err(self.error(
+                        Some(prefix.span()),
+                        "mqtt.prefix",
+                        "a topic prefix without +, # or a leading $, e.g. \"site/box1\"",
+                    ));
+                }
+                text.to_string()
+            }
+            None => format!("cac-edge/{host_name}"),
+        };
+        let queue_dir = match &table.queue {
+            Some(folder) => resolve(base, folder.get_ref()),
+            // systemd's StateDirectory= (the unit sets /var/lib/cac-edge).
+            None => env("STATE_DIRECTORY")
+                .and_then(|dirs| dirs.split(':').next().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("/var/lib/cac-edge"))
+                .join("mqtt-queue"),
+        };
+        let queue_max_bytes = match &table.queue_max_megabytes {
+            Some(size) => self.megabytes(size, "mqtt.queue_max_megabytes")?,
+            None => 64 << 20,
+        };
+        let keep_alive = match &table.keep_alive {
+            Some(seconds) if !(5.0..=3600.0).contains(seconds.get_ref()) => {
+                return Err(self.error(
+                    Some(seconds.span()),
+                    "mqtt.keep_alive",
+                    format!("{}: use 5 to 3600 seconds", seconds.get_ref()),
+                ))
+            }
+            Some(seconds) => Duration::from_secs_f64(*seconds.get_ref()),
+            None => Duration::from_secs(15),
+        };
+        let home_assistant = match (table.home_assistant.unwrap_or(false), &table.discovery_prefix) {
+            (true, Some(prefix)) => Some(prefix.get_ref().trim().trim_end_matches('/').to_string()),
+            (true, None) => Some("homeassistant".to_string()),
+            (false, _) => None,
+        };
+        let ca_file = table.ca_file.as_ref().map(|path| resolve(base, path.get_ref()));
+        Ok(MqttConfig {
+            host,
+            port,
+            tls,
+            ca_file,
+            credentials,
+            client_id,
+            prefix,
+            queue_dir,
+            queue_max_bytes,
+            keep_alive,
+            home_assistant,
+        })
+    }
+
     fn cameras(
         &self,
         raw: &[Spanned<RawCamera>],
@@ -563,6 +724,46 @@ fn merged(camera: &RawCamera, defaults: &RawCamera) -> RawCamera {
     }
 }
 
+/// `mqtt://host[:port]` or `mqtts://host[:port]` → (TLS, host, port).
+fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
+    let url = url.trim();
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(format!("`{url}`: use mqtt://host[:port] or mqtts://host[:port] (TLS)"));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains(['@', '/', '?']) {
+        return Err("only host[:port] after the scheme; user and password go in mqtt.username and mqtt.password".to_string());
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    // [v6]:port, host:port, or a host alone.
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') && (!host.contains(':') || host.ends_with(']')) => {
+            (host, port.parse::<u16>().ok().filter(|&port| port > 0).ok_or(format!("`{port}` is not a port"))?)
+        }
+        _ => (rest, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("`{url}`: no host"));
+    }
+    Ok((tls, host.to_string(), port))
+}
+
+/// The box's host name, for the default client id and topic prefix.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
+    if name.is_empty() {
+        "box".to_string()
+    } else {
+        name
+    }
+}
+
 fn resolve(base: &Path, path: &str) -> PathBuf {
     let path = Path::new(path);
     if path.is_absolute() {
@@ -675,6 +876,56 @@ mod tests {
         assert!(valid_camera_name("door-1.cam_a"));
         for bad in ["", "a b", "door/1", "käse", &"x".repeat(65)] {
             assert!(!valid_camera_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn broker_urls_give_tls_host_and_port() {
+        assert_eq!(parse_broker_url("mqtt://broker"), Ok((false, "broker".into(), 1883)));
+        assert_eq!(parse_broker_url("mqtts://broker.example:9883/"), Ok((true, "broker.example".into(), 9883)));
+        assert_eq!(parse_broker_url("mqtts://10.0.0.2"), Ok((true, "10.0.0.2".into(), 8883)));
+        assert_eq!(parse_broker_url("mqtt://[::1]:1884"), Ok((false, "::1".into(), 1884)));
+        assert_eq!(parse_broker_url("mqtt://[fe80::1]"), Ok((false, "fe80::1".into(), 1883)));
+        for bad in ["tcp://broker", "broker:1883", "mqtt://", "mqtt://u:p@broker", "mqtt://broker:0", "mqtt://broker:x"] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "mqtt")]
+    fn the_mqtt_table_gets_defaults_and_secrets_from_the_environment() {
+        let text =
+            format!("{MINIMAL}\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\nusername = \"box\"\npassword = \"${{MQTT_PASSWORD}}\"\n");
+        let env = |name: &str| match name {
+            "MQTT_PASSWORD" => Some("s3cret".to_string()),
+            "STATE_DIRECTORY" => Some("/var/lib/cac-edge:/var/lib/other".to_string()),
+            _ => None,
+        };
+        let config = parse(&text, Path::new("/etc/cac-edge/serve.toml"), &env).expect("valid").mqtt.expect("[mqtt]");
+        assert_eq!((config.host.as_str(), config.port, config.tls), ("127.0.0.1", 1883, false));
+        assert_eq!(config.credentials, Some(("box".to_string(), "s3cret".to_string())));
+        assert_eq!(config.queue_dir, PathBuf::from("/var/lib/cac-edge/mqtt-queue"));
+        assert_eq!(config.queue_max_bytes, 64 << 20);
+        assert!(config.client_id.starts_with("cac-edge-") && config.prefix.starts_with("cac-edge/"));
+        assert_eq!(config.keep_alive, Duration::from_secs(15));
+        assert_eq!(config.home_assistant, None);
+    }
+
+    #[test]
+    #[cfg(feature = "mqtt")]
+    fn mqtt_errors_name_the_line_and_key() {
+        let cases = [
+            ("[mqtt]\nprefix = \"a\"\n", "mqtt.url"),
+            ("[mqtt]\nurl = \"http://broker\"\n", "mqtt.url"),
+            ("[mqtt]\nurl = \"mqtt://b\"\nusername = \"u\"\n", "mqtt.username"),
+            ("[mqtt]\nurl = \"mqtt://b\"\nprefix = \"site/#\"\n", "mqtt.prefix"),
+            ("[mqtt]\nurl = \"mqtt://b\"\nkeep_alive = 1\n", "mqtt.keep_alive"),
+            ("[mqtt]\nurl = \"mqtt://b\"\npassword = \"${NOPE}\"\nusername = \"u\"\n", "mqtt.password"),
+        ];
+        for (table, key) in cases {
+            let error = parse_text(&format!("{MINIMAL}\n{table}")).expect_err(table);
+            assert_eq!(error.key.as_deref(), Some(key), "{error}");
+            assert!(error.line.is_some(), "{error}");
         }
     }
 }

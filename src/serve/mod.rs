@@ -13,6 +13,8 @@ pub mod camera;
 pub mod config;
 pub mod doctor;
 pub mod metrics;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod output;
 pub mod review;
 mod scheduler;

@@ -105,6 +105,9 @@ pub struct Shared {
     pending_sinks: Mutex<Option<Vec<Box<dyn DecisionSink>>>>,
     reopen: AtomicBool,
     started: Instant,
+    /// The MQTT output's counters, when it is on.
+    #[cfg(feature = "mqtt")]
+    pub mqtt: Option<Arc<super::mqtt::MqttStats>>,
 }
 
 impl Shared {
@@ -188,6 +191,8 @@ pub struct Service {
     scheduler: Vec<JoinHandle<()>>,
     api: Option<super::api::ApiServer>,
     notifier: Arc<Mutex<Notifier>>,
+    #[cfg(feature = "mqtt")]
+    mqtt: Option<super::mqtt::MqttPublisher>,
 }
 
 impl Service {
@@ -195,7 +200,15 @@ impl Service {
     /// cameras. Nothing runs if any of it fails.
     pub fn start(config: ServeConfig, runtime: &Arc<Runtime>) -> Result<Service, ServeError> {
         let classifier = open_classifier(&config, runtime)?;
-        let sinks = open_sinks(&config)?;
+        #[cfg(feature = "mqtt")]
+        let mqtt = start_mqtt(&config)?;
+        let sinks = open_sinks(
+            &config,
+            &Outputs::of(
+                #[cfg(feature = "mqtt")]
+                mqtt.as_ref(),
+            ),
+        )?;
         let wake = Arc::new(Wake::default());
         let shared = Arc::new(Shared {
             cameras: RwLock::new(Vec::new()),
@@ -214,6 +227,8 @@ impl Service {
             pending_sinks: Mutex::new(None),
             reopen: AtomicBool::new(false),
             started: Instant::now(),
+            #[cfg(feature = "mqtt")]
+            mqtt: mqtt.as_ref().map(super::mqtt::MqttPublisher::stats),
         });
         let api = match config.service.http {
             Some(address) => Some(super::api::ApiServer::start(address, Arc::clone(&shared))?),
@@ -224,7 +239,16 @@ impl Service {
         *shared.cameras.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = cameras;
         let scheduler = super::scheduler::start(Arc::clone(&shared), classifier, sinks, Arc::clone(&notifier))
             .map_err(|error| ServeError::Output(std::io::Error::other(format!("cannot start the scheduler threads: {error}"))))?;
-        let service = Service { shared, config, runtime: Arc::clone(runtime), scheduler: scheduler.into(), api, notifier };
+        let service = Service {
+            shared,
+            config,
+            runtime: Arc::clone(runtime),
+            scheduler: scheduler.into(),
+            api,
+            notifier,
+            #[cfg(feature = "mqtt")]
+            mqtt,
+        };
         let status = service.status_line();
         tracing::info!("serving: {status}");
         lock(&service.notifier).ready(&status);
@@ -285,9 +309,18 @@ impl Service {
         if new_config.service.http != self.config.service.http {
             tracing::warn!("service.http changed; the HTTP API keeps its address until the service restarts");
         }
+        if new_config.mqtt != self.config.mqtt {
+            tracing::warn!("[mqtt] changed; the MQTT output keeps its settings until the service restarts");
+        }
         // Everything that can fail is opened before anything changes.
         let classifier = open_classifier(&new_config, &self.runtime)?;
-        let sinks = open_sinks(&new_config)?;
+        let sinks = open_sinks(
+            &new_config,
+            &Outputs::of(
+                #[cfg(feature = "mqtt")]
+                self.mqtt.as_ref(),
+            ),
+        )?;
         *self.shared.model.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = ModelInfo::of(&classifier);
         *lock(&self.shared.pending_preprocess) =
             Some((classifier.preprocess_config().clone(), *classifier.decode_limits(), classifier.batch_size()));
@@ -351,6 +384,11 @@ impl Service {
         for camera in &cameras {
             camera.shut_down(deadline);
         }
+        // After the encoder flushed: what it published is in the queue, delivered until the deadline.
+        #[cfg(feature = "mqtt")]
+        if let Some(mqtt) = self.mqtt.take() {
+            mqtt.stop(deadline);
+        }
         if let Some(api) = self.api.take() {
             api.stop();
         }
@@ -372,13 +410,45 @@ pub fn open_classifier(config: &ServeConfig, runtime: &Arc<Runtime>) -> Result<C
     Ok(classifier)
 }
 
-fn open_sinks(config: &ServeConfig) -> Result<Vec<Box<dyn DecisionSink>>, ServeError> {
+/// Outputs that live as long as the service (not reopened at a reload).
+struct Outputs<'a> {
+    #[cfg(feature = "mqtt")]
+    mqtt: Option<&'a super::mqtt::MqttPublisher>,
+    #[cfg(not(feature = "mqtt"))]
+    _none: std::marker::PhantomData<&'a ()>,
+}
+
+impl<'a> Outputs<'a> {
+    #[cfg(feature = "mqtt")]
+    fn of(mqtt: Option<&'a super::mqtt::MqttPublisher>) -> Outputs<'a> {
+        Outputs { mqtt }
+    }
+
+    #[cfg(not(feature = "mqtt"))]
+    fn of() -> Outputs<'a> {
+        Outputs { _none: std::marker::PhantomData }
+    }
+}
+
+fn open_sinks(config: &ServeConfig, outputs: &Outputs<'_>) -> Result<Vec<Box<dyn DecisionSink>>, ServeError> {
     let mut sinks: Vec<Box<dyn DecisionSink>> =
         vec![Box::new(JsonLines::open(&config.service.json_lines).map_err(ServeError::Output)?)];
     if let Some(review) = &config.review {
         sinks.push(Box::new(ReviewRing::open(review).map_err(ServeError::Output)?));
     }
+    #[cfg(feature = "mqtt")]
+    if let Some(mqtt) = outputs.mqtt {
+        sinks.push(Box::new(mqtt.sink()));
+    }
+    let _ = outputs;
     Ok(sinks)
+}
+
+#[cfg(feature = "mqtt")]
+fn start_mqtt(config: &ServeConfig) -> Result<Option<super::mqtt::MqttPublisher>, ServeError> {
+    let Some(mqtt) = &config.mqtt else { return Ok(None) };
+    let cameras: Vec<String> = config.cameras.iter().map(|camera| camera.name.clone()).collect();
+    super::mqtt::MqttPublisher::start(mqtt, &cameras).map(Some).map_err(ServeError::Output)
 }
 
 impl Service {

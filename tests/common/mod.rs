@@ -2,6 +2,8 @@
 //! a text-feature cache built from the committed test bundle.
 #![allow(dead_code, reason = "each test binary uses its own subset of these helpers")]
 
+pub mod served;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
