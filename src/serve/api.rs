@@ -182,6 +182,7 @@ fn camera_json(camera: &Camera) -> serde_json::Value {
         },
         "restarts": load(&stats.restarts),
         "latest": latest,
+        "history": camera.history.points(),
     })
 }
 
