@@ -1,5 +1,6 @@
-//! The HTTP API: `/healthz`, `/readyz`, `/metrics` (Prometheus), `/api/cameras`,
-//! `/api/cameras/<name>/latest` and `…/latest.jpg` (docs/SERVE.md). Loopback by default.
+//! The HTTP API: the status page `/`, `/healthz`, `/readyz`, `/metrics` (Prometheus),
+//! `/api/cameras`, `/api/cameras/<name>/latest` and `…/latest.jpg` (docs/SERVE.md). Loopback by
+//! default.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -86,6 +87,7 @@ fn answer(request: Request, shared: &Shared) {
 fn route(url: &str, shared: &Shared) -> Reply {
     let path = url.split(['?', '#']).next().unwrap_or("");
     match path {
+        "/" | "/index.html" => page(),
         "/healthz" => healthz(shared),
         "/readyz" => readyz(shared),
         "/metrics" => with_type(Response::from_data(metrics(shared).into_bytes()), "text/plain; version=0.0.4; charset=utf-8"),
@@ -94,7 +96,7 @@ fn route(url: &str, shared: &Shared) -> Reply {
         }
         _ => match path.strip_prefix("/api/cameras/") {
             Some(rest) => camera_route(rest, shared),
-            None => text(404, "not found; see /api/cameras, /metrics, /healthz, /readyz\n"),
+            None => text(404, "not found; see / (the status page), /api/cameras, /metrics, /healthz, /readyz\n"),
         },
     }
 }
@@ -124,6 +126,19 @@ fn camera_route(rest: &str, shared: &Shared) -> Reply {
             }
         }
         _ => text(404, "not found; use /api/cameras/<name>, …/latest or …/latest.jpg\n"),
+    }
+}
+
+/// The status page (docs/SERVE.md § Status page): one self-contained file, compiled in, so that
+/// a box without internet serves it whole and it always matches the API it reads.
+const STATUS_PAGE: &str = include_str!("page/status.html");
+
+fn page() -> Reply {
+    let reply = with_type(Response::from_data(STATUS_PAGE.as_bytes().to_vec()), "text/html; charset=utf-8");
+    // After an upgrade the browser must fetch the new page rather than keep the old one.
+    match Header::from_bytes(&b"Cache-Control"[..], &b"no-cache"[..]) {
+        Ok(header) => reply.with_header(header),
+        Err(()) => reply,
     }
 }
 
@@ -182,6 +197,7 @@ fn camera_json(camera: &Camera) -> serde_json::Value {
         },
         "restarts": load(&stats.restarts),
         "latest": latest,
+        "history": camera.history.points(),
     })
 }
 

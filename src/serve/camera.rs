@@ -1,6 +1,7 @@
 //! One camera in the service: its mailbox, its source under a supervisor that restarts it with
 //! backoff when it fails or stalls, and the numbers the API and `/metrics` show.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -80,6 +81,54 @@ pub struct Latest {
     pub frame: super::frame::FramePayload,
 }
 
+/// How many recent decisions each camera keeps for the status page's chart: two minutes at
+/// 1 fps, a few kilobytes per camera.
+pub const HISTORY_LEN: usize = 120;
+
+/// One decision in a camera's recent history.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct HistoryPoint {
+    /// When the decision was made, Unix milliseconds.
+    pub t: u64,
+    /// Its calibrated confidence.
+    pub confidence: f64,
+    /// CAC's contrast d(x) (`None` with another calibration method).
+    pub contrast: Option<f64>,
+}
+
+/// The newest decisions of a camera, oldest first, at most `capacity` of them: kept on the
+/// server so that a status page opened now shows the last minutes at once, and bounded so that
+/// a service running for months holds no more than that.
+#[derive(Debug)]
+pub struct History {
+    points: Mutex<VecDeque<HistoryPoint>>,
+    capacity: usize,
+}
+
+impl History {
+    /// An empty history of at most `capacity` points.
+    pub fn new(capacity: usize) -> History {
+        History { points: Mutex::new(VecDeque::with_capacity(capacity)), capacity }
+    }
+
+    /// Adds the newest point, forgetting the oldest beyond the capacity.
+    pub fn push(&self, point: HistoryPoint) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut points = lock(&self.points);
+        while points.len() >= self.capacity {
+            points.pop_front();
+        }
+        points.push_back(point);
+    }
+
+    /// A copy of the points, oldest first.
+    pub fn points(&self) -> Vec<HistoryPoint> {
+        lock(&self.points).iter().copied().collect()
+    }
+}
+
 /// A camera of the running service.
 pub struct Camera {
     config: RwLock<CameraConfig>,
@@ -89,6 +138,8 @@ pub struct Camera {
     pub stats: CameraStats,
     /// Its newest decision.
     pub latest: Mutex<Option<Latest>>,
+    /// Its recent decisions (the status page's chart).
+    pub history: History,
     phase: Arc<Mutex<Phase>>,
     stop: StopToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
@@ -103,6 +154,7 @@ impl Camera {
             mailbox: Arc::new(Mailbox::new(Arc::clone(wake))),
             stats: CameraStats::default(),
             latest: Mutex::new(None),
+            history: History::new(HISTORY_LEN),
             phase: Arc::new(Mutex::new(if enabled { Phase::Starting } else { Phase::Disabled })),
             stop: StopToken::new(),
             supervisor: Mutex::new(None),
@@ -291,4 +343,34 @@ fn wait_for_stop(done: &mpsc::Receiver<Result<SourceEnd, SourceError>>, outcome:
         tracing::warn!("a source took over {} s to stop; its thread is left to finish alone", STOP_GRACE.as_secs());
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(t: u64) -> HistoryPoint {
+        HistoryPoint { t, confidence: 0.5, contrast: Some(0.1) }
+    }
+
+    #[test]
+    fn history_keeps_the_newest_points_and_never_grows_past_its_capacity() {
+        let history = History::new(HISTORY_LEN);
+        for t in 0..(HISTORY_LEN as u64 * 3 + 7) {
+            history.push(point(t));
+            assert!(history.points().len() <= HISTORY_LEN);
+        }
+        let points = history.points();
+        assert_eq!(points.len(), HISTORY_LEN);
+        assert_eq!(points.first().map(|p| p.t), Some(HISTORY_LEN as u64 * 2 + 7), "oldest first");
+        assert_eq!(points.last().map(|p| p.t), Some(HISTORY_LEN as u64 * 3 + 6), "newest last");
+        assert!(lock(&history.points).capacity() < HISTORY_LEN * 2, "the ring's allocation does not grow");
+    }
+
+    #[test]
+    fn a_history_of_capacity_zero_stays_empty() {
+        let history = History::new(0);
+        history.push(point(1));
+        assert!(history.points().is_empty());
+    }
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use image::RgbImage;
 use ndarray::Array4;
 
-use super::camera::{Camera, Latest, Phase};
+use super::camera::{Camera, HistoryPoint, Latest, Phase};
 use super::frame::{lock, Frame, FramePayload};
 use super::output::{rfc3339, DecisionEvent, DecisionSink, FailedFrameRecord, FrameRecord};
 use super::service::Shared;
@@ -217,6 +217,11 @@ impl Collector {
         let pixels = (rows > 0).then(|| pixels.slice_move(ndarray::s![..rows, .., .., ..]));
         PreparedBatch { frames: kept, pixels, image_size: self.preprocess.image_size, failed }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock set before it).
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A camera's identity in the collector's map: a restarted camera (a reload) starts afresh.
@@ -455,6 +460,11 @@ impl Encoder {
         let record = serde_json::to_value(&record).unwrap_or_default();
         // The payload is shared (an Arc), not copied; pixels are encoded only when the API asks.
         *lock(&camera.latest) = Some(Latest { record, frame: item.frame.payload.clone() });
+        camera.history.push(HistoryPoint {
+            t: unix_ms(SystemTime::now()),
+            confidence: prediction.confidence,
+            contrast: prediction.contrast,
+        });
         self.output_failed(failures);
     }
 
