@@ -51,6 +51,9 @@ fn a_folder_camera_classifies_each_complete_file_once_like_classify_does() {
     let cameras = "[[camera]]\nname = \"drop\"\nsource = \"folder:in\"\nfps = 50\ndebounce = 2\n";
     let config = write_config(dir.path(), &cache, port, "threshold = 0.0", "", cameras);
     let served = Served::start(&config, port);
+    // Once the API answers, the folder is watched: a file dropped now is never missed, and the
+    // camera runs before its first file.
+    assert_eq!(served.camera("drop")["phase"], "running");
     let images = test_images();
     // A file written in two halves, one second apart, through one open handle: it must be
     // classified once, whole, and not counted as failed.

@@ -7,17 +7,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::served::{free_port, get_with_headers, Served, WAIT};
 use common::{cache_build_cli, command, text};
 
-/// The longest the whole browser check may take, and any other single wait.
-const WAIT: Duration = Duration::from_secs(60);
 /// One chromium run; a hung one is killed.
 const CHROMIUM_RUN: Duration = Duration::from_secs(30);
 /// Where Debian's package puts it (scripts/setup-test-services installs it).
@@ -66,114 +63,8 @@ fn classify_reference(cache: &Path, image: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("one JSON line")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
-}
-
-/// A running `cac-edge serve`, killed on drop.
-struct Served {
-    child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
-    stderr: Arc<Mutex<String>>,
-    port: u16,
-}
-
-impl Served {
-    fn start(config: &Path, port: u16) -> Served {
-        let mut child = command()
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cac-edge serve");
-        let (line_tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
-                if line_tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("stderr");
-        let collected = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 4096];
-            while let Ok(read) = pipe.read(&mut buffer) {
-                if read == 0 {
-                    break;
-                }
-                collected.lock().expect("stderr lock").push_str(&String::from_utf8_lossy(&buffer[..read]));
-            }
-        });
-        let mut served = Served { child, lines, stderr, port };
-        served.wait_for(|served| get(served.port, "/healthz").is_some_and(|reply| reply.status == 200), "the HTTP API");
-        served
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr lock").clone()
-    }
-
-    fn wait_for(&mut self, mut done: impl FnMut(&Served) -> bool, what: &str) {
-        let start = Instant::now();
-        while !done(self) {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("serve exited ({status}) while waiting for {what}; stderr:\n{}", self.stderr());
-            }
-            assert!(start.elapsed() < WAIT, "timed out waiting for {what}; stderr:\n{}", self.stderr());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn next_line(&self) -> serde_json::Value {
-        self.lines.recv_timeout(WAIT).unwrap_or_else(|_| panic!("no JSON line within {WAIT:?}; stderr:\n{}", self.stderr()))
-    }
-
-    fn cameras(&self) -> Vec<serde_json::Value> {
-        let reply = get(self.port, "/api/cameras").expect("the API answers");
-        assert_eq!(reply.status, 200, "{}", text(&reply.body));
-        serde_json::from_slice(&reply.body).expect("JSON")
-    }
-
-    fn camera(&self, name: &str) -> serde_json::Value {
-        self.cameras().into_iter().find(|camera| camera["name"] == name).unwrap_or_else(|| panic!("no camera {name}"))
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
-/// A plain HTTP/1.0 GET on loopback.
-fn get(port: u16, path: &str) -> Option<Reply> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    let split = response.windows(4).position(|window| window == b"\r\n\r\n")?;
-    let headers = text(&response[..split]);
-    let status = headers.split_whitespace().nth(1)?.parse().ok()?;
-    Some(Reply { status, headers, body: response[split + 4..].to_vec() })
-}
-
 /// The demo bundle's config: `cameras` are `[[camera]]` tables.
-fn write_config(dir: &Path, cache: &Path, port: u16, cameras: &str) -> PathBuf {
+fn write_demo_config(dir: &Path, cache: &Path, port: u16, cameras: &str) -> PathBuf {
     let config = dir.join("serve.toml");
     let text = format!(
         "[model]\nbundle = \"{}\"\ncache = \"{}\"\ndevice = \"cpu\"\nthreads = 1\nthreshold = {THRESHOLD}\n\n[service]\nhttp = \"127.0.0.1:{port}\"\n\n{cameras}\n",
@@ -347,8 +238,8 @@ fn the_status_page_shows_each_camera_its_label_and_whether_it_is_online_in_a_rea
         "[[camera]]\nname = \"dock\"\nsource = \"folder:{}\"\n\n[[camera]]\nname = \"gate\"\nsource = \"http://127.0.0.1:{closed}/x.jpg\"\nstall_after = 2\n",
         dir.path().join("in").display()
     );
-    let config = write_config(dir.path(), &cache, port, &cameras);
-    let mut served = Served::start(&config, port);
+    let config = write_demo_config(dir.path(), &cache, port, &cameras);
+    let served = Served::start(&config, port);
 
     // A few frames, one at a time, so that the chart has a history; the last one is the one the
     // card must show.
@@ -362,7 +253,7 @@ fn the_status_page_shows_each_camera_its_label_and_whether_it_is_online_in_a_rea
     let reference = classify_reference(&cache, known);
     let line = lines.last().expect("lines");
     assert_eq!(line["label"], reference["label"], "the service and classify agree on {}", known.display());
-    served.wait_for(|served| served.camera("gate")["restarts"].as_u64() >= Some(1), "the unreachable camera to restart");
+    served.wait_for(|| served.camera("gate")["restarts"].as_u64() >= Some(1), "the unreachable camera to restart");
     let history = served.camera("dock")["history"].as_array().expect("a history array").len();
     assert_eq!(history, images.len(), "one history point per decision");
 
@@ -408,11 +299,11 @@ fn the_status_page_is_html_and_needs_nothing_from_the_internet() {
     std::fs::create_dir(dir.path().join("in")).expect("the camera's folder");
     let port = free_port();
     let cameras = format!("[[camera]]\nname = \"dock\"\nsource = \"folder:{}\"\n", dir.path().join("in").display());
-    let served = Served::start(&write_config(dir.path(), &cache, port, &cameras), port);
-    let reply = get(served.port, "/").expect("the page");
-    assert_eq!(reply.status, 200);
-    assert!(reply.headers.to_ascii_lowercase().contains("content-type: text/html; charset=utf-8"), "{}", reply.headers);
-    let page = text(&reply.body);
+    let served = Served::start(&write_demo_config(dir.path(), &cache, port, &cameras), port);
+    let (status, headers, body) = get_with_headers(served.port, "/").expect("the page");
+    assert_eq!(status, 200);
+    assert!(headers.to_ascii_lowercase().contains("content-type: text/html; charset=utf-8"), "{headers}");
+    let page = text(&body);
     assert!(page.starts_with("<!doctype html>"), "{}", &page[..page.len().min(200)]);
     for external in ["http://", "https://", "src=\"//", "href=\"//", "@import", "url("] {
         assert!(!page.contains(external), "the page refers to `{external}`: a box without internet could not load it");

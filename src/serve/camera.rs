@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::config::CameraConfig;
 use super::frame::{lock, Mailbox, StopToken, Wake};
 use super::metrics::{Histogram, CONTRAST};
-use super::sources::{open_source, SourceEnd, SourceError};
+use super::sources::{open_source, SourceEnd, SourceError, SourceSpec};
 
 /// The first wait before a failed source is restarted; doubled after each failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -189,7 +189,13 @@ impl Camera {
 
     /// Where its source is.
     pub fn phase(&self) -> Phase {
-        lock(&self.phase).clone()
+        let phase = lock(&self.phase).clone();
+        // A watched folder runs from the moment it is watched (the supervisor notes it within
+        // its next look; the API must not lag behind).
+        if phase == Phase::Starting && self.mailbox.is_listening() {
+            return Phase::Running;
+        }
+        phase
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -232,6 +238,22 @@ impl Camera {
                 tracing::warn!("camera {}: its source did not stop in time; left to finish", self.config().name);
             }
         }
+    }
+
+    /// Waits until a folder camera's folder is watched (other sources need no wait), its source
+    /// failed, or `deadline`; returns whether it is listening.
+    pub fn wait_listening(&self, deadline: Instant) -> bool {
+        let config = self.config();
+        if !config.enabled || !matches!(config.source, SourceSpec::Folder(_)) {
+            return true;
+        }
+        while !self.mailbox.is_listening() && Instant::now() < deadline {
+            if matches!(self.phase(), Phase::Restarting(_) | Phase::Failed(_)) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.mailbox.is_listening()
     }
 
     /// Asks its source to stop, without waiting.
@@ -292,6 +314,7 @@ fn run_once(camera: &Arc<Camera>, config: &CameraConfig, max_frame_bytes: usize)
         Err(SourceError::Unsupported(reason)) => return RunOutcome::Unsupported(reason),
         Err(error) => return RunOutcome::Failed(error.to_string()),
     };
+    camera.mailbox.set_listening(false);
     let run_stop = StopToken::new();
     let (done_tx, done) = mpsc::channel();
     let mailbox = Arc::clone(&camera.mailbox);
@@ -323,7 +346,8 @@ fn run_once(camera: &Arc<Camera>, config: &CameraConfig, max_frame_bytes: usize)
             return wait_for_stop(&done, RunOutcome::Stopped);
         }
         let delivered = camera.mailbox.counters.received.load(Ordering::Relaxed) > frames_before;
-        if delivered && camera.phase() != Phase::Running {
+        // A watched folder runs before its first file; a stream once its first frame came.
+        if (delivered || camera.mailbox.is_listening()) && camera.phase() != Phase::Running {
             camera.set_phase(Phase::Running);
         }
         // Frames of an earlier run do not count: a run that never delivers stalls from its start.

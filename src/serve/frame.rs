@@ -102,6 +102,9 @@ pub struct Mailbox {
     /// How many frames came and went.
     pub counters: MailboxCounters,
     last_received: Mutex<Option<Instant>>,
+    /// Set by a source once whatever comes from then on reaches the mailbox (a folder: once it
+    /// is watched); the service says it is ready only after its folders are.
+    listening: AtomicBool,
 }
 
 impl Mailbox {
@@ -113,7 +116,19 @@ impl Mailbox {
             wake,
             counters: MailboxCounters::default(),
             last_received: Mutex::new(None),
+            listening: AtomicBool::new(false),
         }
+    }
+
+    /// The source says whether it is listening (see [`Mailbox::is_listening`]).
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::SeqCst);
+    }
+
+    /// Whether the source is listening: a folder is watched, so a file dropped from now on is
+    /// classified.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
     }
 
     /// Puts `frame` in the slot, replacing (and counting) any frame still there.

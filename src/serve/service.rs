@@ -235,7 +235,9 @@ impl Service {
             None => None,
         };
         let notifier = Arc::new(Mutex::new(Notifier::from_env()));
-        let cameras = config.cameras.iter().map(|camera| Camera::start(camera.clone(), &wake, config.max_frame_bytes)).collect();
+        let cameras: Vec<Arc<Camera>> =
+            config.cameras.iter().map(|camera| Camera::start(camera.clone(), &wake, config.max_frame_bytes)).collect();
+        wait_for_folders(&cameras);
         *shared.cameras.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = cameras;
         let scheduler = super::scheduler::start(Arc::clone(&shared), classifier, sinks, Arc::clone(&notifier))
             .map_err(|error| ServeError::Output(std::io::Error::other(format!("cannot start the scheduler threads: {error}"))))?;
@@ -351,6 +353,9 @@ impl Service {
                 }
             }
         }
+        let started: Vec<Arc<Camera>> =
+            kept.iter().filter(|camera| !old.iter().any(|old| Arc::ptr_eq(old, camera))).cloned().collect();
+        wait_for_folders(&started);
         let deadline = Instant::now() + Duration::from_secs(3);
         for camera in &old {
             if !kept.iter().any(|kept| Arc::ptr_eq(kept, camera)) {
@@ -398,6 +403,20 @@ impl Service {
         );
     }
 }
+
+/// Waits (bounded by [`FOLDER_WATCH_WAIT`]) until the folder cameras among `cameras` watch
+/// their folders, so that a file dropped once the service says it is ready is never missed.
+fn wait_for_folders(cameras: &[Arc<Camera>]) {
+    let deadline = Instant::now() + FOLDER_WATCH_WAIT;
+    for camera in cameras {
+        if !camera.wait_listening(deadline) {
+            tracing::warn!("camera {}: its folder is not watched yet; files dropped now may be missed", camera.config().name);
+        }
+    }
+}
+
+/// The longest start or a reload waits for folders to be watched.
+const FOLDER_WATCH_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens the bundle and cache `config` names (the cache verified unless `verify = false`): what
 /// start, reload and `--check-config` do.

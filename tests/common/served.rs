@@ -131,14 +131,20 @@ impl Drop for Served {
 
 /// A plain HTTP/1.0 GET on loopback: status and body.
 pub fn get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    get_with_headers(port, path).map(|(status, _, body)| (status, body))
+}
+
+/// A plain HTTP/1.0 GET on loopback: status, the header block, body.
+pub fn get_with_headers(port: u16, path: &str) -> Option<(u16, String, Vec<u8>)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).ok()?;
     let split = response.windows(4).position(|window| window == b"\r\n\r\n")?;
-    let status = text(&response[..split]).split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response[split + 4..].to_vec()))
+    let headers = text(&response[..split]);
+    let status = headers.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, headers, response[split + 4..].to_vec()))
 }
 
 /// A config for the test bundle with `cameras` (TOML `[[camera]]` tables) and `extra` tables.

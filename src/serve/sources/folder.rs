@@ -11,7 +11,8 @@
 //! Files wait on disk, not in memory: the next one is delivered when the scheduler has taken the
 //! previous one ([`Mailbox::put_when_free`]), so every file gets its turn and a burst costs no
 //! memory; one that waited longer than the camera's staleness limit is dropped as stale there.
-//! Only files that appear after the source started are read. The service never deletes or moves
+//! Only files that appear after the folder is watched are read; the service says it is ready
+//! (`READY=1`, the API) only once its folders are watched. The service never deletes or moves
 //! them: rotating the folder is the camera software's (or a tmpfiles.d rule's) job.
 
 use std::path::{Path, PathBuf};
@@ -71,6 +72,7 @@ impl FrameSource for FolderSource {
         })
         .map_err(|error| watch_error(folder, error))?;
         watcher.watch(folder, RecursiveMode::NonRecursive).map_err(|error| watch_error(folder, error))?;
+        mailbox.set_listening(true);
         let mut pending: Vec<Pending> = Vec::new();
         let mut folder_checked = Instant::now();
         loop {
