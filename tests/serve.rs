@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::served::{free_port, get, services_available, test_images, write_config, Served, WAIT};
-use common::{build_cache_cli, command, text};
+use common::{build_cache_cli, command, fixture, text};
 
 /// What `cac-edge classify` says of `image`: the independent reference for the service's lines.
 fn classify_reference(cache: &str, image: &Path, threshold: &str) -> serde_json::Value {
@@ -475,4 +475,83 @@ fn rtsp_cameras_are_decoded_by_supervised_children_restarted_and_never_left_behi
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(processes_mentioning(&url).is_empty(), "decoders left behind: {:?}", processes_mentioning(&url));
+}
+
+#[test]
+fn the_review_rings_labels_csv_once_filled_in_refits_the_temperature_with_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = build_cache_cli(dir.path());
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let port = free_port();
+    // Threshold 1: every frame abstains, so every frame goes to the review ring.
+    let cameras = "[[camera]]\nname = \"door\"\nsource = \"folder:in\"\nfps = 50\n";
+    let review = format!("[review]\nfolder = \"{}\"\n", dir.path().join("review").display());
+    let config = write_config(dir.path(), &cache, port, "threshold = 1.0", "", &format!("{review}\n{cameras}"));
+    let mut served = Served::start(&config, port);
+    // The photos and their true labels (tests/fixtures/classes.txt); one frame at a time, so
+    // that the ring's order is the order fed.
+    let truth = [
+        ("chelsea.png", "cat"),
+        ("rocket.jpg", "rocket"),
+        ("coffee.png", "coffee mug"),
+        ("china.jpg", "building"),
+        ("astronaut.png", "astronaut"),
+        ("flower.jpg", "flower"),
+    ];
+    for (index, (photo, _)) in truth.iter().enumerate() {
+        std::fs::copy(fixture(&format!("images/photos/{photo}")), dir.path().join(format!("in/{index}-{photo}"))).unwrap();
+        assert_eq!(served.next_line()["decision"], "abstain");
+    }
+    served.signal("TERM");
+    assert!(served.wait_exit().0.success(), "{}", served.stderr());
+
+    // 1. copy the ring; 2. fill in the label column of its template.
+    let labelled = dir.path().join("labelled");
+    std::fs::create_dir(&labelled).unwrap();
+    for entry in std::fs::read_dir(dir.path().join("review")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), labelled.join(entry.file_name())).unwrap();
+    }
+    let template = std::fs::read_to_string(labelled.join("labels.csv")).expect("the ring's labels.csv");
+    let mut lines = template.lines();
+    assert_eq!(lines.next(), Some("path,label,predicted,confidence,camera"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), truth.len(), "{template}");
+    let mut filled = String::from("path,label,predicted,confidence,camera\n");
+    for (row, (_, label)) in rows.iter().zip(truth) {
+        let (path, rest) = row.split_once(",,").expect("an empty label column");
+        assert!(labelled.join(path).is_file(), "{path} is in the ring");
+        assert!(rest.ends_with(",door"), "{row}");
+        filled.push_str(&format!("{path},{label},{rest}\n"));
+    }
+    // One row left unlabelled: eval skips it.
+    filled.push_str(&format!("{}\n", rows[0]));
+    std::fs::write(labelled.join("labels.csv"), filled).unwrap();
+
+    // 3. eval on the box's own frames re-fits the temperature and the threshold (README's command).
+    let report = dir.path().join("report");
+    let output = command()
+        .args(["eval", "--device", "cpu", "--bundle"])
+        .arg(common::bundle_dir())
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--images")
+        .arg(labelled.join("labels.csv"))
+        .arg("--fit-images")
+        .arg(labelled.join("labels.csv"))
+        // A coverage target: the random-weight test bundle reaches no precision target.
+        .args(["--write-temperature", "--write-threshold", "--target-coverage", "0.5"])
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .expect("run eval");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
+    let temperature = report["fit"]["temperature"]["temperature"].as_f64().expect("a fitted temperature");
+    assert!(temperature.is_finite() && temperature > 0.0);
+    let info = text(&common::cac_edge(&["cache", "info", "--cache", &cache]).stdout);
+    assert!(
+        info.contains("ts_temperature") && info.contains("threshold"),
+        "the temperature and threshold are in the cache: {info}"
+    );
 }

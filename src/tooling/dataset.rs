@@ -113,12 +113,14 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(paths)
 }
 
-/// `path,label[,anything else]` per row; a first row of exactly `path,label,...` is a header.
+/// `path,label[,anything else]` per row; a first row of exactly `path,label,...` is a header;
+/// rows with an empty label (not yet labelled) are skipped.
 fn from_csv(csv_path: &Path, class_names: &[String]) -> Result<Vec<LabeledImage>, DatasetError> {
     let file = std::fs::File::open(csv_path).map_err(|source| DatasetError::Read { path: csv_path.to_path_buf(), source })?;
     let base_dir = csv_path.parent().unwrap_or(Path::new("."));
     let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_reader(file);
     let mut images = Vec::new();
+    let mut unlabelled = 0usize;
     for (row, record) in reader.records().enumerate() {
         let line = row as u64 + 1;
         let csv_error = |message: String| DatasetError::Csv { path: csv_path.to_path_buf(), line, message };
@@ -132,6 +134,11 @@ fn from_csv(csv_path: &Path, class_names: &[String]) -> Result<Vec<LabeledImage>
         if row == 0 && path == "path" && label == "label" {
             continue;
         }
+        // A row of the review ring's template (labels.csv) that nobody labelled yet.
+        if label.is_empty() {
+            unlabelled += 1;
+            continue;
+        }
         let Some(class) = class_index(label, class_names) else {
             return Err(DatasetError::UnknownLabel {
                 path: csv_path.to_path_buf(),
@@ -140,6 +147,9 @@ fn from_csv(csv_path: &Path, class_names: &[String]) -> Result<Vec<LabeledImage>
             });
         };
         images.push(LabeledImage { path: base_dir.join(path), class });
+    }
+    if unlabelled > 0 {
+        tracing::info!("{}: {unlabelled} row(s) without a label skipped", csv_path.display());
     }
     Ok(images)
 }
@@ -165,6 +175,18 @@ mod tests {
                 LabeledImage { path: dir.path().join("b/2, x.jpg"), class: 0 },
             ]
         );
+    }
+
+    #[test]
+    fn rows_without_a_label_are_skipped_as_in_the_review_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("labels.csv");
+        let template = "path,label,predicted,confidence,camera\n1-door.jpg,,cat,0.41,door\n2-door.jpg,cat,dog,0.52,door\n";
+        std::fs::write(&csv, template).unwrap();
+        let set = LabeledSet::load(&csv, &classes()).unwrap();
+        assert_eq!(set.images, vec![LabeledImage { path: dir.path().join("2-door.jpg"), class: 1 }]);
+        std::fs::write(&csv, "path,label\n1-door.jpg,\n").unwrap();
+        assert!(matches!(LabeledSet::load(&csv, &classes()), Err(DatasetError::Empty { .. })), "nothing labelled yet");
     }
 
     #[test]
