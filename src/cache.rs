@@ -515,9 +515,9 @@ fn write_safetensors<'a>(
         .map_err(|source| CacheError::Write { path: path.to_path_buf(), source })
 }
 
-/// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold);
-/// everything else is fixed when the cache is built.
-pub const EVAL_METADATA_KEYS: [&str; 3] = [TEMPERATURE_KEY, THRESHOLD_KEY, THRESHOLD_CALIBRATION_KEY];
+/// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold,
+/// the shift alarm's baseline); everything else is fixed when the cache is built.
+pub const EVAL_METADATA_KEYS: [&str; 4] = [TEMPERATURE_KEY, THRESHOLD_KEY, THRESHOLD_CALIBRATION_KEY, crate::drift::BASELINE_KEY];
 
 /// A TS temperature fitted on base validation images.
 pub const TEMPERATURE_KEY: &str = "ts_temperature";

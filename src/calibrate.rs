@@ -151,6 +151,16 @@ impl std::str::FromStr for CalibrationMethod {
     }
 }
 
+impl ContrastDistance {
+    /// The name `cac_distance` takes (`logits`, `probs`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ContrastDistance::Logits => "logits",
+            ContrastDistance::Probs => "probs",
+        }
+    }
+}
+
 impl std::str::FromStr for ContrastDistance {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, Self::Err> {

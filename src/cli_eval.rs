@@ -52,6 +52,10 @@ pub(crate) struct EvalArgs {
     /// Store the TS temperature fitted on --fit-images in the cache, so `--calibration ts` uses it.
     #[arg(long, requires = "fit_images", help_heading = FITTING)]
     write_temperature: bool,
+    /// Store the distribution of CAC's contrast d(x) (and of the uncalibrated max-probability) on
+    /// --images in the cache: the baseline of `serve`'s shift alarm. Needs at least 50 images.
+    #[arg(long, help_heading = FITTING)]
+    write_drift_baseline: bool,
     /// Equal-width (and equal-mass) bins of ECE, ACE, MCE and the reliability diagrams.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u16).range(1..), help_heading = OUTPUT)]
     bins: u16,
@@ -84,6 +88,7 @@ pub(crate) fn run(args: &EvalArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> {
         target: args.target(),
         write_threshold: args.write_threshold,
         write_temperature: args.write_temperature,
+        write_drift_baseline: args.write_drift_baseline,
         out: &args.out,
         calibration: args.calibration.settings(),
         classifier: args.decode.classifier_options(&args.model, &args.runtime, 16),

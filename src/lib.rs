@@ -49,6 +49,7 @@ pub mod cache;
 pub mod calibrate;
 pub mod decide;
 pub mod doctor;
+pub mod drift;
 pub mod encode;
 pub(crate) mod fsio;
 pub mod inputs;

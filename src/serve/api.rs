@@ -198,6 +198,7 @@ fn camera_json(camera: &Camera) -> serde_json::Value {
         "restarts": load(&stats.restarts),
         "latest": latest,
         "history": camera.history.points(),
+        "drift": *lock(&camera.drift),
     })
 }
 
@@ -269,6 +270,19 @@ pub fn metrics(shared: &Shared) -> String {
         "Seconds since the camera's newest frame arrived.",
         &|camera| camera.last_frame_age(now).map(|age| (String::new(), age.as_secs_f64())).into_iter().collect(),
     );
+    per_camera(
+        &mut out,
+        "cac_edge_drift_score",
+        "gauge",
+        "Shift alarm: PSI of the recent d(x) against the cache's baseline.",
+        &|camera| lock(&camera.drift).and_then(|drift| drift.score).map(|score| (String::new(), score)).into_iter().collect(),
+    );
+    per_camera(&mut out, "cac_edge_drift_alarm", "gauge", "1 while the camera's shift alarm is raised.", &|camera| {
+        lock(&camera.drift).map(|drift| (String::new(), f64::from(u8::from(drift.alarm)))).into_iter().collect()
+    });
+    per_camera(&mut out, "cac_edge_drift_alarms_total", "counter", "Shift alarms raised.", &|camera| {
+        vec![(String::new(), count(&camera.stats.drift_alarms))]
+    });
     header(&mut out, "cac_edge_contrast", "histogram", "CAC's contrast d(x) of classified frames.");
     for camera in &cameras {
         camera.stats.contrast.write(&mut out, "cac_edge_contrast", &format!("camera=\"{}\"", label_value(&camera.config().name)));

@@ -56,6 +56,8 @@ pub struct CameraStats {
     pub restarts: AtomicU64,
     /// Contrast d(x) of the classified frames.
     pub contrast: Histogram,
+    /// Shift alarms raised.
+    pub drift_alarms: AtomicU64,
 }
 
 impl Default for CameraStats {
@@ -68,6 +70,7 @@ impl Default for CameraStats {
             abstained: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             contrast: Histogram::new(CONTRAST),
+            drift_alarms: AtomicU64::new(0),
         }
     }
 }
@@ -140,6 +143,8 @@ pub struct Camera {
     pub latest: Mutex<Option<Latest>>,
     /// Its recent decisions (the status page's chart).
     pub history: History,
+    /// Its shift alarm, once a frame was classified with a drift baseline.
+    pub drift: Mutex<Option<super::output::DriftStatus>>,
     phase: Arc<Mutex<Phase>>,
     stop: StopToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
@@ -155,6 +160,7 @@ impl Camera {
             stats: CameraStats::default(),
             latest: Mutex::new(None),
             history: History::new(HISTORY_LEN),
+            drift: Mutex::new(None),
             phase: Arc::new(Mutex::new(if enabled { Phase::Starting } else { Phase::Disabled })),
             stop: StopToken::new(),
             supervisor: Mutex::new(None),

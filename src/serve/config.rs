@@ -16,6 +16,7 @@ use toml::Spanned;
 
 use super::sources::{RtspDecoder, SourceOptions, SourceSpec};
 use crate::calibrate::{CalibrationMethod, CalibrationSettings, ContrastDistance};
+use crate::drift::DriftSettings;
 use crate::runtime::{Device, SessionOptions, MAX_INTRA_THREADS};
 use crate::{ClassifierOptions, DecodeLimits};
 
@@ -183,6 +184,8 @@ pub struct ServeConfig {
     pub review: Option<ReviewConfig>,
     /// `[mqtt]`, when a broker is set.
     pub mqtt: Option<MqttConfig>,
+    /// `[drift]`: the shift alarm's window and thresholds.
+    pub drift: DriftSettings,
     /// Frames larger than this are refused by every source.
     pub max_frame_bytes: usize,
     /// `[[camera]]`, in file order.
@@ -200,6 +203,7 @@ struct RawConfig {
     #[serde(default)]
     review: RawReview,
     mqtt: Option<Spanned<RawMqtt>>,
+    drift: Option<Spanned<RawDrift>>,
     #[serde(default)]
     defaults: RawCamera,
     #[serde(default)]
@@ -244,6 +248,14 @@ struct RawService {
 struct RawReview {
     folder: Option<Spanned<String>>,
     max_megabytes: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrift {
+    window: Option<i64>,
+    raise: Option<f64>,
+    clear: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -307,12 +319,16 @@ pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> R
         Some(mqtt) => Some(checker.mqtt(mqtt, base, env)?),
         None => None,
     };
+    let drift = match &raw.drift {
+        Some(drift) => checker.drift(drift)?,
+        None => DriftSettings::default(),
+    };
     let max_frame_bytes = match &raw.service.max_frame_megabytes {
         Some(megabytes) => checker.megabytes(megabytes, "service.max_frame_megabytes")? as usize,
         None => SourceOptions::default().max_frame_bytes,
     };
     let cameras = checker.cameras(&raw.camera, &raw.defaults, base, env)?;
-    Ok(ServeConfig { path: path.to_path_buf(), model, service, review, mqtt, max_frame_bytes, cameras })
+    Ok(ServeConfig { path: path.to_path_buf(), model, service, review, mqtt, drift, max_frame_bytes, cameras })
 }
 
 struct Checker<'a> {
@@ -469,6 +485,19 @@ impl Checker<'_> {
             None => 256 << 20,
         };
         Ok(Some(ReviewConfig { folder: resolve(base, folder.get_ref()), max_bytes }))
+    }
+
+    fn drift(&self, raw: &Spanned<RawDrift>) -> Result<DriftSettings, ConfigError> {
+        let table = raw.get_ref();
+        let defaults = DriftSettings::default();
+        let window = match table.window {
+            Some(window) => usize::try_from(window).unwrap_or(0),
+            None => defaults.window,
+        };
+        let settings =
+            DriftSettings { window, raise: table.raise.unwrap_or(defaults.raise), clear: table.clear.unwrap_or(defaults.clear) };
+        settings.validate().map_err(|message| self.error(Some(raw.span()), "drift", message))?;
+        Ok(settings)
     }
 
     fn mqtt(&self, raw: &Spanned<RawMqtt>, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<MqttConfig, ConfigError> {

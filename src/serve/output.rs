@@ -34,6 +34,24 @@ pub struct FrameRecord<'a> {
     pub state: Option<&'a str>,
     /// Whether this frame changed it.
     pub state_changed: bool,
+    /// The camera's shift alarm after this frame, when the cache has a drift baseline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftStatus>,
+}
+
+/// A camera's shift alarm (docs/SERVE.md § Shift alarm).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DriftStatus {
+    /// The PSI of the window of recent d(x) against the baseline; `None` until the window is full.
+    pub score: Option<f64>,
+    /// Whether the alarm is raised.
+    pub alarm: bool,
+    /// Whether this frame raised or cleared it.
+    pub alarm_changed: bool,
+    /// Frames in the window, and its size.
+    pub frames: usize,
+    /// The window's size.
+    pub window: usize,
 }
 
 /// A frame that could not be classified: a JSON line too, so that consumers see the gap.

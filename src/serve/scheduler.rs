@@ -32,10 +32,12 @@ use ndarray::Array4;
 
 use super::camera::{Camera, HistoryPoint, Latest, Phase};
 use super::frame::{lock, Frame, FramePayload};
-use super::output::{rfc3339, DecisionEvent, DecisionSink, FailedFrameRecord, FrameRecord};
+use super::output::{rfc3339, DecisionEvent, DecisionSink, DriftStatus, FailedFrameRecord, FrameRecord};
 use super::service::Shared;
 use super::state::Debouncer;
 use super::systemd::Notifier;
+use crate::calibrate::Calibration;
+use crate::drift::{Distribution, DriftBaseline, DriftMonitor, BASELINE_KEY};
 use crate::preprocess::{decode_bytes, preprocess_into, PreprocessConfig};
 use crate::{Classifier, Decision, DecodeLimits, Prediction};
 
@@ -92,6 +94,7 @@ pub(crate) fn start(
     };
     let encoder = std::thread::Builder::new().name("encoder".to_string()).spawn(move || {
         Encoder {
+            drift: DriftMonitors::new(&classifier, Arc::clone(&shared)),
             shared,
             pace,
             classifier,
@@ -325,6 +328,8 @@ struct Encoder {
     notifier: Arc<Mutex<Notifier>>,
     /// Each camera's debounced state, by identity (a restarted camera starts afresh).
     debouncers: HashMap<usize, Debouncer>,
+    /// The shift alarms.
+    drift: DriftMonitors,
     failure_logs: HashMap<usize, Instant>,
     last_output_error_log: Option<Instant>,
 }
@@ -367,6 +372,7 @@ impl Encoder {
 
     fn take_reload(&mut self) {
         if let Some(classifier) = self.shared.take_pending_classifier() {
+            self.drift.set_baseline(&classifier);
             self.classifier = classifier;
         }
         if let Some(sinks) = self.shared.take_pending_sinks() {
@@ -454,6 +460,7 @@ impl Encoder {
             device: self.classifier.device().provider.name(),
             state: update.state.as_deref(),
             state_changed: update.changed,
+            drift: self.drift.observe(item, prediction),
         };
         let event = DecisionEvent { camera: &item.name, frame: &item.frame, record: &record };
         let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.decision(&event).err()).collect();
@@ -497,6 +504,105 @@ impl Encoder {
                 let quiet = FAILURE_LOG_INTERVAL.as_secs();
                 tracing::warn!("an output failed: {error} (further output errors within {quiet} s are counted, not logged)");
             }
+        }
+    }
+}
+
+/// Each camera's shift alarm ([`crate::drift`]): d(x) of its frames against the cache's
+/// baseline. Off (no `drift` in the JSON lines) when the cache has no baseline, or one measured
+/// with another contrast distance than the calibration in force.
+struct DriftMonitors {
+    shared: Arc<Shared>,
+    baseline: Option<Distribution>,
+    monitors: HashMap<usize, DriftMonitor>,
+}
+
+impl DriftMonitors {
+    fn new(classifier: &Classifier, shared: Arc<Shared>) -> DriftMonitors {
+        let mut monitors = DriftMonitors { shared, baseline: None, monitors: HashMap::new() };
+        monitors.set_baseline(classifier);
+        monitors
+    }
+
+    /// Takes the baseline of `classifier`'s cache (at start and at each reload; the windows
+    /// start afresh when it changed).
+    fn set_baseline(&mut self, classifier: &Classifier) {
+        let baseline = drift_baseline(classifier);
+        if baseline != self.baseline {
+            self.monitors.clear();
+        }
+        self.baseline = baseline;
+    }
+
+    fn observe(&mut self, item: &Taken, prediction: &Prediction) -> Option<DriftStatus> {
+        let baseline = self.baseline.as_ref()?;
+        let contrast = prediction.contrast?;
+        let settings = *self.shared.drift_settings.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cameras = self.shared.cameras();
+        self.monitors.retain(|key, _| cameras.iter().any(|camera| camera_key(camera) == *key));
+        let monitor =
+            self.monitors.entry(camera_key(&item.camera)).or_insert_with(|| DriftMonitor::new(baseline.clone(), settings));
+        monitor.set_settings(settings);
+        let update = monitor.observe(contrast);
+        let status = DriftStatus {
+            score: update.score,
+            alarm: update.alarm,
+            alarm_changed: update.changed,
+            frames: monitor.filled(),
+            window: settings.window,
+        };
+        if update.changed && update.alarm {
+            item.camera.stats.drift_alarms.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "camera {}: shift alarm: the contrast d(x) of its last {} frames no longer looks like the evaluation images \
+                 (PSI {:.3} ≥ {}); the camera may have moved, fogged or be seeing new things",
+                item.name,
+                settings.window,
+                update.score.unwrap_or_default(),
+                settings.raise
+            );
+        } else if update.changed {
+            tracing::info!(
+                "camera {}: shift alarm cleared (PSI {:.3} ≤ {})",
+                item.name,
+                update.score.unwrap_or_default(),
+                settings.clear
+            );
+        }
+        *lock(&item.camera.drift) = Some(status);
+        Some(status)
+    }
+}
+
+/// The contrast distribution the cache stores for the calibration in force, if any.
+fn drift_baseline(classifier: &Classifier) -> Option<Distribution> {
+    let Calibration::Cac(params) = classifier.calibration() else {
+        tracing::info!(
+            "shift alarm off: it watches CAC's contrast d(x), and the calibration is {}",
+            classifier.calibration().name()
+        );
+        return None;
+    };
+    let Some(text) = classifier.cache().metadata().get(BASELINE_KEY) else {
+        tracing::info!(
+            "shift alarm off: {} has no drift baseline (cac-edge eval --write-drift-baseline stores one)",
+            classifier.cache().path().display()
+        );
+        return None;
+    };
+    match DriftBaseline::from_json(text) {
+        Ok(baseline) if baseline.distance == params.distance.name() => Some(baseline.contrast),
+        Ok(baseline) => {
+            tracing::warn!(
+                "shift alarm off: the drift baseline measured d(x) with the {} distance, the calibration uses {}; run eval --write-drift-baseline again",
+                baseline.distance,
+                params.distance.name()
+            );
+            None
+        }
+        Err(error) => {
+            tracing::warn!("shift alarm off: {}: {error}", classifier.cache().path().display());
+            None
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct Shared {
     pending_sinks: Mutex<Option<Vec<Box<dyn DecisionSink>>>>,
     reopen: AtomicBool,
     started: Instant,
+    /// The shift alarm's settings in force (`[drift]`).
+    pub drift_settings: RwLock<crate::drift::DriftSettings>,
     /// The MQTT output's counters, when it is on.
     #[cfg(feature = "mqtt")]
     pub mqtt: Option<Arc<super::mqtt::MqttStats>>,
@@ -227,6 +229,7 @@ impl Service {
             pending_sinks: Mutex::new(None),
             reopen: AtomicBool::new(false),
             started: Instant::now(),
+            drift_settings: RwLock::new(config.drift),
             #[cfg(feature = "mqtt")]
             mqtt: mqtt.as_ref().map(super::mqtt::MqttPublisher::stats),
         });
@@ -328,6 +331,7 @@ impl Service {
             Some((classifier.preprocess_config().clone(), *classifier.decode_limits(), classifier.batch_size()));
         *lock(&self.shared.pending_classifier) = Some(classifier);
         *lock(&self.shared.pending_sinks) = Some(sinks);
+        *self.shared.drift_settings.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = new_config.drift;
         self.apply_cameras(&new_config);
         self.config = new_config;
         self.shared.wake.notify();

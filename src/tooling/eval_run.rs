@@ -12,7 +12,11 @@ use std::sync::Arc;
 use ndarray::{Array2, Axis};
 
 use crate::cache::{update_cache_metadata, CacheError, TEMPERATURE_KEY};
-use crate::calibrate::{CacParams, Calibration, CalibrationMethod, CalibrationSettings};
+use crate::calibrate::{
+    logit_contrast, probability_contrast, softmax, CacParams, Calibration, CalibrationMethod, CalibrationSettings,
+    ContrastDistance,
+};
+use crate::drift::{Distribution, DriftBaseline, BASELINE_KEY, MIN_BASELINE_IMAGES};
 use crate::pipeline::{Classifier, ClassifierOptions, PipelineError};
 use crate::runtime::Runtime;
 use crate::threshold::{calibration_key, stored_threshold_entries};
@@ -42,6 +46,9 @@ pub struct EvalRequest<'a> {
     pub write_threshold: bool,
     /// Store a fitted TS temperature in the cache.
     pub write_temperature: bool,
+    /// Store the distributions of d(x) and of the max-probability on `images` in the cache (the
+    /// shift alarm's baseline, [`crate::drift`]).
+    pub write_drift_baseline: bool,
     /// The report's folder.
     pub out: &'a Path,
     /// The calibration options given (what `classify` would be run with).
@@ -217,6 +224,19 @@ pub fn run_eval(
             }
         }
     }
+    if request.write_drift_baseline {
+        match drift_baseline(&data, &default) {
+            Some(baseline) => {
+                let json = serde_json::to_string(&baseline).map_err(|error| EvalError::Input(error.to_string()))?;
+                cache_updates.push((BASELINE_KEY, Some(json)));
+                written.push(format!(
+                    "{BASELINE_KEY} from {} images (d(x) median {:.4})",
+                    baseline.images, baseline.contrast.percentiles[49]
+                ));
+            }
+            None => notes.push(format!("no drift baseline written: it needs at least {MIN_BASELINE_IMAGES} evaluated images")),
+        }
+    }
     let report = EvalReport {
         cac_edge_version: env!("CARGO_PKG_VERSION").to_string(),
         bundle: request.bundle.display().to_string(),
@@ -240,6 +260,32 @@ pub fn run_eval(
     }
     let failed_images = report.images.failures.len() + fitting.map_or(0, |fitting| fitting.features.failures.len());
     Ok(EvalOutcome { report, files, unreachable_threshold, failed_images })
+}
+
+/// The shift alarm's baseline: d(x) as `calibration` measures it (CAC's distance; the logit
+/// distance for other calibrations) and the uncalibrated max-probability, on every image.
+fn drift_baseline(data: &EvalData<'_>, calibration: &Calibration) -> Option<DriftBaseline> {
+    let distance = match calibration {
+        Calibration::Cac(params) => params.distance,
+        _ => ContrastDistance::Logits,
+    };
+    let mut contrasts = Vec::with_capacity(data.labels.len());
+    let mut max_probabilities = Vec::with_capacity(data.labels.len());
+    for (fine_tuned, zero_shot) in data.fine_tuned.rows().into_iter().zip(data.zero_shot.rows()) {
+        let (fine_tuned, zero_shot) = (fine_tuned.to_vec(), zero_shot.to_vec());
+        contrasts.push(match distance {
+            ContrastDistance::Logits => logit_contrast(&fine_tuned, &zero_shot),
+            ContrastDistance::Probs => probability_contrast(&fine_tuned, &zero_shot),
+        });
+        max_probabilities.push(softmax(&fine_tuned, 1.0).into_iter().fold(0.0, f64::max));
+    }
+    Some(DriftBaseline {
+        version: 1,
+        distance: distance.name().to_string(),
+        images: contrasts.len(),
+        contrast: Distribution::of(&contrasts)?,
+        max_probability: Distribution::of(&max_probabilities)?,
+    })
 }
 
 /// Loads a labeled set and its image features: from the store beside the cache when its content

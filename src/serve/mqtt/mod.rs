@@ -5,6 +5,9 @@
 //! - `<prefix>/<camera>/decision`: every decision, the JSON line of the service's output, QoS 1;
 //! - `<prefix>/<camera>/state`: the debounced state (the label, plain text), retained, sent
 //!   when it changes;
+//! - `<prefix>/<camera>/drift`: the shift alarm (`{"score","alarm","alarm_changed","frames",
+//!   "window"}`), retained, sent when the alarm is raised or cleared and every
+//!   [`DRIFT_EVERY`] otherwise;
 //! - `<prefix>/available`: `online` when connected, `offline` on a clean stop and as the Last
 //!   Will (the broker sends it when the box vanishes), retained.
 //!
@@ -43,6 +46,8 @@ const POLL: Duration = Duration::from_millis(50);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
 /// The queue's head is saved at most this often (and at stop).
 const SAVE_HEAD_EVERY: Duration = Duration::from_secs(1);
+/// A camera's drift score is published at least this often while it has one.
+pub const DRIFT_EVERY: Duration = Duration::from_secs(10);
 /// At a stop, this much of the time left goes to the `offline` message and the disconnect.
 const GOODBYE: Duration = Duration::from_millis(500);
 
@@ -149,7 +154,7 @@ impl MqttPublisher {
 
     /// A sink for the encoder.
     pub fn sink(&self) -> MqttSink {
-        MqttSink { shared: Arc::clone(&self.shared) }
+        MqttSink { shared: Arc::clone(&self.shared), drift_published: HashMap::new() }
     }
 
     /// The counters.
@@ -186,6 +191,8 @@ impl MqttPublisher {
 /// The encoder's end: appends to the queue.
 pub struct MqttSink {
     shared: Arc<Shared>,
+    /// When each camera's drift was last published.
+    drift_published: HashMap<String, Instant>,
 }
 
 impl DecisionSink for MqttSink {
@@ -198,6 +205,14 @@ impl DecisionSink for MqttSink {
             let message =
                 Message { topic: format!("{prefix}/{}/state", event.camera), payload: state.as_bytes().to_vec(), retain: true };
             queue.push(&message)?;
+        }
+        if let Some(drift) = &event.record.drift {
+            let last = self.drift_published.get(event.camera);
+            if drift.alarm_changed || last.is_none_or(|last| last.elapsed() >= DRIFT_EVERY) {
+                let payload = serde_json::to_vec(drift).map_err(io::Error::other)?;
+                queue.push(&Message { topic: format!("{prefix}/{}/drift", event.camera), payload, retain: true })?;
+                self.drift_published.insert(event.camera.to_string(), Instant::now());
+            }
         }
         self.shared.update_queue_stats(&queue);
         Ok(())
