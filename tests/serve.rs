@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -554,4 +554,85 @@ fn the_review_rings_labels_csv_once_filled_in_refits_the_temperature_with_eval()
         info.contains("ts_temperature") && info.contains("threshold"),
         "the temperature and threshold are in the cache: {info}"
     );
+}
+
+/// A dark, noisy JPEG: what a covered lens sends.
+fn covered_lens_frame(seed: u32) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    let image = image::RgbImage::from_fn(128, 112, |_, _| {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let level = 8 + (state >> 28) as u8;
+        image::Rgb([level, level, level])
+    });
+    let mut jpeg = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).expect("encode");
+    jpeg
+}
+
+#[test]
+fn the_shift_alarm_stays_quiet_on_familiar_frames_and_fires_when_the_lens_is_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/demo");
+    let cache = dir.path().join("demo.safetensors");
+    let output = common::cache_build_cli(&demo, &demo.join("classes.txt"), &demo.join("base.txt"), &cache);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let eval = command()
+        .args(["eval", "--device", "cpu", "--bundle"])
+        .arg(&demo)
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--images")
+        .arg(demo.join("images/labels.csv"))
+        .arg("--write-drift-baseline")
+        .arg("--out")
+        .arg(dir.path().join("report"))
+        .output()
+        .expect("run eval");
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let port = free_port();
+    // A 50-frame window: in distribution its PSI is about χ²₉/50 (mean 0.18), so it is raised at 0.8.
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nbundle = \"{}\"\ncache = \"{}\"\ndevice = \"cpu\"\nthreads = 1\n\n[service]\nhttp = \"127.0.0.1:{port}\"\n\n\
+             [drift]\nwindow = 50\nraise = 0.8\nclear = 0.3\n\n[[camera]]\nname = \"cam\"\nsource = \"folder:in\"\nfps = 100\n",
+            demo.display(),
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let served = Served::start(&config, port);
+    let familiar: Vec<PathBuf> = std::fs::read_to_string(demo.join("images/labels.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split(',').next().map(|path| demo.join("images").join(path)))
+        .take(60)
+        .collect();
+    for (index, image) in familiar.iter().enumerate() {
+        std::fs::copy(image, dir.path().join(format!("in/{index:03}.jpg"))).unwrap();
+        let drift = served.next_line()["drift"].clone();
+        assert_eq!(drift["window"], 50, "{drift}");
+        assert_eq!(drift["alarm"], false, "frame {index}: {drift}");
+        assert_eq!(drift["score"].is_null(), index < 49, "a score once the window is full: {drift}");
+    }
+    assert_eq!(served.metric("cac_edge_drift_alarm{camera=\"cam\"}"), 0.0);
+    let mut fired_after = None;
+    for index in 0..60 {
+        std::fs::write(dir.path().join(format!("in/covered-{index:03}.jpg")), covered_lens_frame(index)).unwrap();
+        let drift = served.next_line()["drift"].clone();
+        if drift["alarm_changed"] == true {
+            assert_eq!(drift["alarm"], true);
+            fired_after = Some(index + 1);
+            break;
+        }
+    }
+    let fired_after = fired_after.expect("the alarm fires within 60 covered frames");
+    assert_eq!(served.metric("cac_edge_drift_alarm{camera=\"cam\"}"), 1.0);
+    assert_eq!(served.metric("cac_edge_drift_alarms_total{camera=\"cam\"}"), 1.0);
+    assert_eq!(served.camera("cam")["drift"]["alarm"], true);
+    assert!(served.stderr().contains("shift alarm"), "{}", served.stderr());
+    eprintln!("the shift alarm fired after {fired_after} covered frames (window 50)");
 }

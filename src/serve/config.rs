@@ -957,4 +957,15 @@ mod tests {
             assert!(error.line.is_some(), "{error}");
         }
     }
+
+    #[test]
+    fn the_drift_table_is_checked() {
+        let config = parse_text(&format!("{MINIMAL}\n[drift]\nwindow = 300\nraise = 0.15\n")).expect("valid");
+        assert_eq!((config.drift.window, config.drift.raise, config.drift.clear), (300, 0.15, DriftSettings::default().clear));
+        assert_eq!(parse_text(MINIMAL).expect("valid").drift, DriftSettings::default());
+        for table in ["[drift]\nwindow = 10\n", "[drift]\nraise = 0.05\n", "[drift]\nclear = -1\n", "[drift]\nwindow = -5\n"] {
+            let error = parse_text(&format!("{MINIMAL}\n{table}")).expect_err(table);
+            assert_eq!(error.key.as_deref(), Some("drift"), "{error}");
+        }
+    }
 }
