@@ -551,3 +551,57 @@ fn home_assistant_discovery(config: &MqttConfig, discovery: &str, cameras: &[Str
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn config() -> MqttConfig {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            tls: false,
+            ca_file: None,
+            credentials: None,
+            client_id: "cac-edge-box.1".into(),
+            prefix: "site/box1".into(),
+            queue_dir: PathBuf::from("/tmp/q"),
+            queue_max_bytes: 1 << 20,
+            keep_alive: Duration::from_secs(15),
+            home_assistant: Some("homeassistant".into()),
+        }
+    }
+
+    #[test]
+    fn home_assistant_discovery_announces_one_sensor_per_camera() {
+        let messages = home_assistant_discovery(&config(), "homeassistant", &["door".into(), "yard-2".into()]);
+        assert_eq!(messages.len(), 2);
+        let (topic, payload) = &messages[1];
+        assert_eq!(topic, "homeassistant/sensor/cac_edge_box_1_yard_2/config");
+        let payload: serde_json::Value = serde_json::from_str(payload).expect("JSON");
+        assert_eq!(payload["state_topic"], "site/box1/yard-2/state");
+        assert_eq!(payload["availability_topic"], "site/box1/available");
+        assert_eq!(payload["json_attributes_topic"], "site/box1/yard-2/decision");
+        assert_eq!(payload["unique_id"], "cac_edge_box_1_yard_2");
+        assert_eq!(payload["device"]["identifiers"][0], "cac_edge_box_1");
+    }
+
+    #[test]
+    fn connection_errors_say_what_to_fix() {
+        let refused = explain(&ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword));
+        assert!(refused.contains("mqtt.username, mqtt.password"), "{refused}");
+        assert_eq!(config().broker(), "mqtt://127.0.0.1:1883");
+        assert_eq!(MqttConfig { tls: true, port: 8883, ..config() }.broker(), "mqtts://127.0.0.1:8883");
+    }
+
+    #[test]
+    fn a_ca_file_that_is_not_pem_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        let error = tls_config(&MqttConfig { tls: true, ca_file: Some(ca.clone()), ..config() }).expect_err("refused");
+        assert!(error.to_string().contains("ca.pem") && error.to_string().contains("mqtt.ca_file"), "{error}");
+    }
+}
