@@ -12,15 +12,9 @@ use std::time::{Duration, Instant};
 use common::served::{free_port, get, services_available, test_images, write_config, Served, WAIT};
 use common::{build_cache_cli, command, fixture, text};
 
-/// What `cac-edge classify` says of `image`: the independent reference for the service's lines.
+/// What `cac-edge classify` says of `image` with the test bundle: the reference for the service's lines.
 fn classify_reference(cache: &str, image: &Path, threshold: &str) -> serde_json::Value {
-    let output = common::classify_command(cache)
-        .args(["--device", "cpu", "--threshold", threshold])
-        .arg(image)
-        .output()
-        .expect("classify");
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("one JSON line")
+    common::classify_reference(&common::bundle_dir(), cache, image, threshold)
 }
 
 #[test]

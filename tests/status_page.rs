@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::served::{free_port, get_with_headers, Served, WAIT};
-use common::{cache_build_cli, command, text};
+use common::{cache_build_cli, text};
 
 /// One chromium run; a hung one is killed.
 const CHROMIUM_RUN: Duration = Duration::from_secs(30);
@@ -45,22 +45,6 @@ fn demo_images() -> Vec<PathBuf> {
         list.lines().skip(1).filter_map(|line| line.split(',').next()).map(|path| demo().join("images").join(path)).collect();
     assert!(images.len() >= 5, "clear.csv lists at least 5 images");
     images
-}
-
-/// What `cac-edge classify` says of `image`: the independent reference.
-fn classify_reference(cache: &Path, image: &Path) -> serde_json::Value {
-    let output = command()
-        .arg("classify")
-        .arg("--bundle")
-        .arg(demo())
-        .arg("--cache")
-        .arg(cache)
-        .args(["--device", "cpu", "--threshold", THRESHOLD])
-        .arg(image)
-        .output()
-        .expect("run classify");
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("one JSON line")
 }
 
 /// The demo bundle's config: `cameras` are `[[camera]]` tables.
@@ -250,7 +234,7 @@ fn the_status_page_shows_each_camera_its_label_and_whether_it_is_online_in_a_rea
         lines.push(served.next_line());
     }
     let known = images.last().expect("images");
-    let reference = classify_reference(&cache, known);
+    let reference = common::classify_reference(&demo(), &cache, known, THRESHOLD);
     let line = lines.last().expect("lines");
     assert_eq!(line["label"], reference["label"], "the service and classify agree on {}", known.display());
     served.wait_for(|| served.camera("gate")["restarts"].as_u64() >= Some(1), "the unreachable camera to restart");

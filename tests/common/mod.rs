@@ -132,6 +132,23 @@ pub fn classify_command(cache: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
+/// What `cac-edge classify` says of `image` with `bundle`, `cache` and `threshold`, on the CPU:
+/// the independent reference for the service's decisions.
+pub fn classify_reference(bundle: &Path, cache: impl AsRef<std::ffi::OsStr>, image: &Path, threshold: &str) -> serde_json::Value {
+    let output = command()
+        .arg("classify")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg("--cache")
+        .arg(cache)
+        .args(["--device", "cpu", "--threshold", threshold])
+        .arg(image)
+        .output()
+        .expect("run classify");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("one JSON line")
+}
+
 /// `cac-edge cache build` of `bundle` and a class list into `output`, on the CPU, not yet run.
 pub fn cache_build_command(bundle: &Path, classes: &Path, base: &Path, output: &Path) -> Command {
     let mut command = command();

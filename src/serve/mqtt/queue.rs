@@ -348,6 +348,15 @@ mod tests {
         }
     }
 
+    /// A queue in `dir` holding messages 0, 1 and 2; the path of its segment.
+    fn three_messages(dir: &Path) -> PathBuf {
+        let mut queue = DiskQueue::open(dir, 1 << 20).unwrap();
+        for n in 0..3 {
+            queue.push(&message(n)).unwrap();
+        }
+        queue.segments.back().unwrap().path.clone()
+    }
+
     fn drain(queue: &DiskQueue) -> Vec<Message> {
         (queue.head()..queue.next_seq()).map(|seq| queue.get(seq).unwrap().unwrap()).collect()
     }
@@ -389,13 +398,7 @@ mod tests {
     #[test]
     fn a_record_cut_short_by_a_crash_is_dropped_and_appending_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let path = {
-            let mut queue = DiskQueue::open(dir.path(), 1 << 20).unwrap();
-            for n in 0..3 {
-                queue.push(&message(n)).unwrap();
-            }
-            queue.segments.back().unwrap().path.clone()
-        };
+        let path = three_messages(dir.path());
         let length = fs::metadata(&path).unwrap().len();
         OpenOptions::new().write(true).open(&path).unwrap().set_len(length - 3).unwrap();
         let mut queue = DiskQueue::open(dir.path(), 1 << 20).unwrap();
@@ -407,13 +410,7 @@ mod tests {
     #[test]
     fn a_damaged_record_ends_its_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let path = {
-            let mut queue = DiskQueue::open(dir.path(), 1 << 20).unwrap();
-            for n in 0..3 {
-                queue.push(&message(n)).unwrap();
-            }
-            queue.segments.back().unwrap().path.clone()
-        };
+        let path = three_messages(dir.path());
         let mut bytes = fs::read(&path).unwrap();
         let second = encode(&message(0)).unwrap().len();
         bytes[second + RECORD_HEADER + 4] ^= 0x40; // a flipped bit in the second body
