@@ -28,12 +28,26 @@ pub struct ApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
-impl ApiServer {
-    /// Listens on `address` and answers from `shared`.
-    pub fn start(address: SocketAddr, shared: Arc<Shared>) -> Result<ApiServer, ServeError> {
+/// The API's socket, bound but not yet answering: the service binds it first (an address in use
+/// fails the start before anything runs) and answers once its cameras are up, so that an API
+/// that answers means every folder is watched (connections made meanwhile wait in the backlog).
+pub struct BoundApi {
+    server: Server,
+    address: SocketAddr,
+}
+
+impl BoundApi {
+    /// Binds `address`.
+    pub fn bind(address: SocketAddr) -> Result<BoundApi, ServeError> {
         let server = Server::http(address)
             .map_err(|error| ServeError::Listen { address: address.to_string(), reason: error.to_string() })?;
-        let bound = server.server_addr().to_ip().unwrap_or(address);
+        let address = server.server_addr().to_ip().unwrap_or(address);
+        Ok(BoundApi { server, address })
+    }
+
+    /// Starts answering from `shared`.
+    pub fn serve(self, shared: Arc<Shared>) -> Result<ApiServer, ServeError> {
+        let BoundApi { server, address } = self;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
@@ -42,9 +56,11 @@ impl ApiServer {
                 .spawn(move || serve(&server, &shared, &stop))
                 .map_err(|error| ServeError::Listen { address: address.to_string(), reason: error.to_string() })?
         };
-        Ok(ApiServer { address: bound, stop, thread: Some(thread) })
+        Ok(ApiServer { address, stop, thread: Some(thread) })
     }
+}
 
+impl ApiServer {
     /// The address it listens on.
     pub fn address(&self) -> SocketAddr {
         self.address

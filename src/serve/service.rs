@@ -233,17 +233,15 @@ impl Service {
             #[cfg(feature = "mqtt")]
             mqtt: mqtt.as_ref().map(super::mqtt::MqttPublisher::stats),
         });
-        let api = match config.service.http {
-            Some(address) => Some(super::api::ApiServer::start(address, Arc::clone(&shared))?),
-            None => None,
-        };
+        let bound_api = config.service.http.map(super::api::BoundApi::bind).transpose()?;
         let notifier = Arc::new(Mutex::new(Notifier::from_env()));
         let cameras: Vec<Arc<Camera>> =
             config.cameras.iter().map(|camera| Camera::start(camera.clone(), &wake, config.max_frame_bytes)).collect();
+        *shared.cameras.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = cameras.clone();
         wait_for_folders(&cameras);
-        *shared.cameras.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = cameras;
         let scheduler = super::scheduler::start(Arc::clone(&shared), classifier, sinks, Arc::clone(&notifier))
             .map_err(|error| ServeError::Output(std::io::Error::other(format!("cannot start the scheduler threads: {error}"))))?;
+        let api = bound_api.map(|api| api.serve(Arc::clone(&shared))).transpose()?;
         let service = Service {
             shared,
             config,
