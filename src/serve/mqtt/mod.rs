@@ -42,6 +42,11 @@ pub const WINDOW: usize = 32;
 /// How long the publisher waits for the broker before it looks at the queue again (new
 /// messages are sent within this).
 const POLL: Duration = Duration::from_millis(50);
+/// How long the publisher waits for a connection being made: longer than rumqttc's own
+/// connection timeout (5 s), because rumqttc drops a half-made connection (TCP, TLS, CONNECT)
+/// when its poll is cancelled, so a [`POLL`]-long wait would never let a connection slower than
+/// 50 ms (a remote broker, a TLS handshake) complete.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// Reconnection backoff: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
 /// The queue's head is saved at most this often (and at stop).
@@ -416,7 +421,8 @@ impl<'a> Session<'a> {
                 }
             }
             self.save_head_now_and_then();
-            match connection.recv_timeout(POLL) {
+            let wait = if self.was_connected { POLL } else { CONNECT_WAIT };
+            match connection.recv_timeout(wait) {
                 Ok(Ok(event)) => {
                     if self.handle(event) {
                         return Ended::Stopped;
