@@ -6,7 +6,8 @@
 //! - a queue too small for an outage: the oldest are dropped and counted, the rest delivered;
 //! - the Last Will on SIGKILL of the service, `offline` on SIGTERM;
 //! - user name and password;
-//! - TLS with a certificate authority made by the test (openssl).
+//! - TLS with a certificate authority made by the test (openssl);
+//! - a broker across a slow link (a delaying proxy).
 #![cfg(feature = "mqtt")]
 
 mod common;
@@ -416,4 +417,54 @@ fn make_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
         "server.pem", "-extfile", "san.ext",
     ]);
     (path("ca.pem"), path("server.pem"), path("server.key"))
+}
+
+/// A TCP proxy on loopback that holds every chunk for `delay` in each direction: a broker
+/// across a slow link. Threads end when either side closes.
+fn delaying_proxy(target: u16, delay: Duration) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
+            for (from, to) in [(client.try_clone(), upstream.try_clone()), (upstream.try_clone(), client.try_clone())] {
+                let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buffer = [0u8; 65536];
+                    while let Ok(read) = from.read(&mut buffer) {
+                        if read == 0 {
+                            break;
+                        }
+                        std::thread::sleep(delay);
+                        if to.write_all(&buffer[..read]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_broker_across_a_slow_link_is_connected_to() {
+    if !broker_available() {
+        return;
+    }
+    // 60 ms each way: CONNECT to CONNACK takes over 120 ms, longer than the publisher's 50 ms
+    // poll (a poll that timed out while connecting used to drop the half-made connection).
+    let mut setup = Setup::new();
+    let broker = Broker::start(setup.path(), "");
+    let subscriber = Subscriber::start(broker.port, "site/box/+/decision", "slow-link-test", None);
+    let slow = delaying_proxy(broker.port, Duration::from_millis(60));
+    let served = setup.serve(&format!("url = \"mqtt://127.0.0.1:{slow}\"\n"));
+    served.wait_for(|| served.metric("cac_edge_mqtt_connected") == 1.0, "a connection across the slow link");
+    setup.feed(2);
+    let made = lines(&served, 2);
+    wait_until(|| subscriber.decisions().0.len() == 2, "2 decisions across the slow link");
+    assert_eq!(subscriber.decisions().0, made);
 }
