@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::config::CameraConfig;
-use super::frame::{lock, Mailbox, StopToken, Wake};
+use super::frame::{join_by, lock, Mailbox, StopToken, Wake};
 use super::metrics::{Histogram, CONTRAST};
-use super::sources::{open_source, SourceEnd, SourceError, SourceSpec};
+use super::sources::{open_source, SourceEnd, SourceError};
 
 /// The first wait before a failed source is restarted; doubled after each failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -235,12 +235,7 @@ impl Camera {
         self.stop.stop();
         let handle = lock(&self.supervisor).take();
         if let Some(handle) = handle {
-            while !handle.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if handle.is_finished() {
-                let _ = handle.join();
-            } else {
+            if !join_by(handle, deadline) {
                 tracing::warn!("camera {}: its source did not stop in time; left to finish", self.config().name);
             }
         }
@@ -250,7 +245,8 @@ impl Camera {
     /// failed, or `deadline`; returns whether it is listening.
     pub fn wait_listening(&self, deadline: Instant) -> bool {
         let config = self.config();
-        if !config.enabled || !matches!(config.source, SourceSpec::Folder(_)) {
+        // A folder's files wait on disk: only they are missed while the source is not up.
+        if !config.enabled || config.source.is_live() {
             return true;
         }
         while !self.mailbox.is_listening() && Instant::now() < deadline {

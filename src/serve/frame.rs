@@ -241,6 +241,19 @@ impl StopToken {
 
 /// Locks a mutex whether or not another thread panicked while holding it: every value guarded
 /// here stays consistent at each statement, so the data is still good.
+/// Joins `handle` when its thread ends by `deadline`; false when it is still running then (it is
+/// left to finish: a stop must never hang on one thread).
+pub(crate) fn join_by(handle: std::thread::JoinHandle<()>, deadline: Instant) -> bool {
+    while !handle.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !handle.is_finished() {
+        return false;
+    }
+    let _ = handle.join();
+    true
+}
+
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

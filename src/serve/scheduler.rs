@@ -460,7 +460,7 @@ impl Encoder {
             device: self.classifier.device().provider.name(),
             state: update.state.as_deref(),
             state_changed: update.changed,
-            drift: self.drift.observe(item, prediction),
+            drift: self.drift.observe(item, prediction, &cameras),
         };
         let event = DecisionEvent { camera: &item.name, frame: &item.frame, record: &record };
         let failures: Vec<std::io::Error> = self.sinks.iter_mut().filter_map(|sink| sink.decision(&event).err()).collect();
@@ -534,11 +534,10 @@ impl DriftMonitors {
         self.baseline = baseline;
     }
 
-    fn observe(&mut self, item: &Taken, prediction: &Prediction) -> Option<DriftStatus> {
+    fn observe(&mut self, item: &Taken, prediction: &Prediction, cameras: &[Arc<Camera>]) -> Option<DriftStatus> {
         let baseline = self.baseline.as_ref()?;
         let contrast = prediction.contrast?;
         let settings = *self.shared.drift_settings.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let cameras = self.shared.cameras();
         self.monitors.retain(|key, _| cameras.iter().any(|camera| camera_key(camera) == *key));
         let monitor =
             self.monitors.entry(camera_key(&item.camera)).or_insert_with(|| DriftMonitor::new(baseline.clone(), settings));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::camera::Camera;
 use super::config::ServeConfig;
-use super::frame::{lock, Wake};
+use super::frame::{join_by, lock, Wake};
 use super::metrics::{Histogram, FRAME_AGE_SECONDS, INFERENCE_SECONDS};
 use super::output::{DecisionSink, JsonLines};
 use super::review::ReviewRing;
@@ -379,12 +379,7 @@ impl Service {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake.notify();
         for stage in std::mem::take(&mut self.scheduler) {
-            while !stage.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if stage.is_finished() {
-                let _ = stage.join();
-            } else {
+            if !join_by(stage, deadline) {
                 tracing::warn!("the scheduler did not finish its batch within {} s", grace.as_secs_f64());
             }
         }

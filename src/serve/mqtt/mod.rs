@@ -34,7 +34,7 @@ use rumqttc::{
 
 use self::queue::{DiskQueue, Message};
 pub use super::config::MqttConfig;
-use super::frame::lock;
+use super::frame::{join_by, lock};
 use super::output::{DecisionEvent, DecisionSink};
 
 /// Messages sent and not yet acknowledged, at most.
@@ -177,12 +177,7 @@ impl MqttPublisher {
     pub fn stop(mut self, deadline: Instant) {
         *lock(&self.shared.stop_at) = Some(deadline);
         if let Some(thread) = self.thread.take() {
-            while !thread.is_finished() && Instant::now() < deadline + GOODBYE {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
+            if !join_by(thread, deadline + GOODBYE) {
                 tracing::warn!("MQTT: the publisher did not stop in time; queued messages stay on disk");
             }
         }
