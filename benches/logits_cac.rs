@@ -11,6 +11,12 @@
 //! * `none_only/batch=N`, `cac_only/batch=N`: [`calibrate`] alone on precomputed logits;
 //! * `matvec_reference/batch=1`: not the crate's code, a plain `[2C, D] · x` matrix-vector product:
 //!   the memory-bound floor for one image, to compare `logits/batch=1` with.
+//! * `f16/logits/batch=N`, `f16/logits+cac/batch=N`: the same with the class features stored as
+//!   f16 (`cache build --feature-precision f16`): half the bytes read, widened block by block
+//!   and accumulated in f32. Compare with `logits`, `logits+cac` of the same run.
+//! * `widen/hand_loop`, `widen/half_slice`: widening one block of f16 rows (64 × D) to f32, the
+//!   crate's portable loop ([`widen_f16_scaled`], scaled by 2^-112) against the `half` crate's slice conversion (F16C on
+//!   x86-64 when the CPU has it; FP16 on aarch64; a scalar fallback elsewhere).
 //!
 //! Throughput is reported in images (elements), so criterion's "thrpt" is images per second and
 //! time ÷ N is the cost per image. The target: at C = 100 000, logits + CAC per image take
@@ -28,8 +34,9 @@
 use std::hint::black_box;
 
 use cac_edge::calibrate::{calibrate, CacParams, Calibration};
-use cac_edge::logits::{batch_logits, BatchLogits, LogitScales};
+use cac_edge::logits::{batch_logits, widen_f16_scaled, BatchLogits, LogitScales};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use half::{f16, slice::HalfFloatSliceExt};
 
 mod common;
 
@@ -55,6 +62,7 @@ fn bench_logits_cac(c: &mut Criterion) {
     let methods = [("none", Calibration::None), ("cac", Calibration::Cac(CacParams::paper_defaults()))];
     for &classes in class_counts {
         let text = normalised_rows(2 * classes, EMBED_DIM, TEXT_SEED);
+        let text_f16 = text.mapv(f16::from_f32);
         let factors = vec![1.0f32; classes];
         let mut group = c.benchmark_group(format!("logits_cac/C={classes}"));
         if classes >= 100_000 {
@@ -76,6 +84,16 @@ fn bench_logits_cac(c: &mut Criterion) {
                     })
                 });
             }
+            group.bench_function(id("f16/logits"), |b| {
+                b.iter(|| batch_logits(black_box(images.view()), None, black_box(text_f16.view()), SCALES))
+            });
+            let cac = &methods[1].1;
+            group.bench_function(id("f16/logits+cac"), |b| {
+                b.iter(|| {
+                    let logits = batch_logits(black_box(images.view()), None, black_box(text_f16.view()), SCALES);
+                    calibrate_batch(cac, &logits, &factors)
+                })
+            });
             if batch == 1 {
                 // The floor for one image: a plain matrix-vector product over the same [2C, D] rows
                 // (ndarray's row-wise dot products; no logit scaling, no copies).
@@ -92,5 +110,17 @@ fn bench_logits_cac(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_logits_cac);
+/// Widening one block of the f16 path: 64 rows of D = 512.
+fn bench_widen(c: &mut Criterion) {
+    let block = normalised_rows(64, EMBED_DIM, TEXT_SEED).mapv(f16::from_f32);
+    let block = block.as_slice().expect("standard layout");
+    let mut out = vec![0f32; block.len()];
+    let mut group = c.benchmark_group("widen");
+    group.throughput(Throughput::Elements(block.len() as u64));
+    group.bench_function("hand_loop", |b| b.iter(|| widen_f16_scaled(black_box(block), &mut out)));
+    group.bench_function("half_slice", |b| b.iter(|| black_box(block).convert_to_f32_slice(&mut out)));
+    group.finish();
+}
+
+criterion_group!(benches, bench_logits_cac, bench_widen);
 criterion_main!(benches);

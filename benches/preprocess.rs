@@ -11,6 +11,13 @@
 //! * `preprocess/WxH`: [`preprocess_into`] on the decoded image (resize shorter side → 224
 //!   bicubic antialiased, centre crop, normalise into a reused CHW buffer);
 //! * `decode+preprocess/WxH`: both, the per-image cost before the encoder.
+//! * `scaled-decode/WxH`, `scaled-decode+preprocess/WxH`: the same with
+//!   [`DecodeMode::Scaled`] ([`decode_file_with`]: the JPEG decoded at the smallest DCT scale
+//!   still ≥ 224 on the short side, 1/8 for 12 MP; 640 × 480 is too small to scale and takes
+//!   the exact path), then [`preprocess_scaled_into`]. Compare with the exact rows of the same
+//!   run: the ratio is the result.
+//! * `batch-decode/4x12MP/threads=N`: four 12 MP files decoded (scaled) on 1 and on 2 threads,
+//!   as `classify_files` splits a batch over its decoding threads (the gain needs free cores).
 //!
 //! Run: `cargo bench --bench preprocess` (about a minute). Quick look:
 //! `cargo bench --bench preprocess -- --measurement-time 2 --warm-up-time 1`. Under `cargo test`
@@ -19,7 +26,9 @@
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
-use cac_edge::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig};
+use cac_edge::preprocess::{
+    decode_file, decode_file_with, preprocess_into, preprocess_scaled_into, DecodeLimits, DecodeMode, PreprocessConfig,
+};
 use criterion::{criterion_group, criterion_main, Criterion};
 use image::codecs::jpeg::JpegEncoder;
 use image::imageops::{self, FilterType};
@@ -86,8 +95,34 @@ fn bench_preprocess(c: &mut Criterion) {
                 preprocess_into(&rgb, &config, &mut out).expect("preprocess")
             })
         });
+        let scaled = |path: &Path| decode_file_with(path, &limits, DecodeMode::Scaled, CLIP_SIZE).expect("scaled decode");
+        group.bench_function(format!("scaled-decode/{label}"), |b| b.iter(|| scaled(black_box(path))));
+        group.bench_function(format!("scaled-decode+preprocess/{label}"), |b| {
+            b.iter(|| {
+                let decoded = scaled(black_box(path));
+                preprocess_scaled_into(&decoded.rgb, decoded.geometry, &config, &mut out).expect("preprocess")
+            })
+        });
+        if *width > 1000 {
+            for threads in [1, 2] {
+                group.bench_function(format!("batch-decode/4x{label}/threads={threads}"), |b| {
+                    b.iter(|| decode_batch(&[path.as_path(); 4], threads, &scaled))
+                });
+            }
+        }
     }
     group.finish();
+}
+
+/// Decodes `paths` split into `threads` contiguous runs, one scoped thread each (the split
+/// `classify_files` makes of a batch).
+fn decode_batch<T: Send>(paths: &[&Path], threads: usize, decode: &(impl Fn(&Path) -> T + Sync)) -> Vec<T> {
+    let run = paths.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            paths.chunks(run).map(|part| scope.spawn(move || part.iter().map(|p| decode(p)).collect::<Vec<T>>())).collect();
+        handles.into_iter().flat_map(|handle| handle.join().expect("decoder thread")).collect()
+    })
 }
 
 criterion_group!(benches, bench_preprocess);

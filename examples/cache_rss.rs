@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use cac_edge::cache::{CacheOpenOptions, TextFeatureCache};
+use cac_edge::cache::{CacheOpenOptions, FeaturePrecision, TextFeatureCache};
 use cac_edge::calibrate::{calibrate, CacParams, Calibrated, Calibration};
 use cac_edge::logits::{batch_logits, BatchLogits, LogitScales};
 
@@ -155,7 +155,7 @@ fn main() {
     };
     if args.write_only {
         let path = args.cache.expect("--write-only needs a path");
-        common::write_synthetic_cache(&path, args.classes, common::EMBED_DIM).expect("write the cache");
+        common::write_synthetic_cache(&path, args.classes, common::EMBED_DIM, FeaturePrecision::F32).expect("write the cache");
         return;
     }
     if let Err(message) = run(args) {

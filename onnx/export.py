@@ -14,6 +14,10 @@ Examples (run from the repository root with the export venv, see onnx/README.md)
         --prompt-learner output/coop/prompt_learner/model.pth.tar-50 --out bundles/coop-b32
     python onnx/export.py --arch ViT-B-32 --random-weights --seed 0 --out /tmp/b32-random
 
+The image graph of a vision transformer ships with ONNX Runtime's fused attention (see
+fuse_image_graph; --no-fuse-attention keeps the plain graph). --quantize int8-dynamic|int8-static
+adds image_zs.int8.onnx (bundle format 2, onnx/quantize.py), checked against the fp32 encoder.
+
 Every graph is checked against PyTorch with ONNX Runtime before the bundle is moved into place
 (`--no-parity` skips it). The bundle is written to a temporary directory beside --out and renamed
 when complete, so a half-written bundle never appears under the final name.
@@ -23,19 +27,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import pickle
-import re
 import shutil
 import sys
 import time
 import types
 import warnings
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +48,15 @@ import safetensors
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import text_global_pool
-from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_tokenizer import build_tokenizer_json  # noqa: E402  (sibling module, not a package)
+from bundle_io import (  # noqa: E402  (sibling module: the helpers onnx/quantize.py shares)
+    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_FORMAT_VERSION_VARIANTS, IMAGE_FILE, IMAGE_INT8_FILE, MANIFEST_FILE,
+    TEXT_FT_FILE, TEXT_ZS_FILE, TOKENIZER_FILE, ExportError, eval_transform, load_pixels, parity_images,
+    render_manifest, sha256_file,
+)
 
 # Expected and harmless here: the TorchScript exporter is chosen on purpose (see export_graph), and
 # the advanced-indexing warning concerns negative indices, while EOT pooling indexes by argmax.
@@ -61,8 +66,6 @@ warnings.filterwarnings("ignore", message="Exporting aten::index operator of adv
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARITY_IMAGES = REPO_ROOT / "tests" / "fixtures" / "images" / "photos"
 
-BUNDLE_FORMAT = "cac-edge-bundle"
-BUNDLE_FORMAT_VERSION = 1
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 # CoOp's placeholder token; the graph ignores the ids at the context positions.
 PLACEHOLDER_TOKEN = "X"
@@ -71,11 +74,6 @@ PLACEHOLDER_CONTEXT_INIT = "a photo of a"
 PROMPT_LEARNER_METHODS = ("coop", "kgcoop", "prograd")
 CLIP_VOCAB_SIZE = 49408
 
-IMAGE_FILE = "image_zs.onnx"
-TEXT_ZS_FILE = "text_zs.onnx"
-TEXT_FT_FILE = "text_ft.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "bundle.toml"
 
 # Class names for the text parity check: single and multi-token names, punctuation, non-ASCII,
 # and one name long enough to be truncated (end-of-text then sits at the last position).
@@ -104,10 +102,6 @@ TOLERANCE_FP32 = Tolerance(atol=1e-5, rtol=1e-4, min_cosine=1 - 1e-5)
 TOLERANCE_FP16 = Tolerance(atol=1e-3, rtol=2e-2, min_cosine=0.999)
 
 
-class ExportError(Exception):
-    """A problem the user can fix; the message says how."""
-
-
 @dataclass
 class ExportOptions:
     out: Path
@@ -122,6 +116,11 @@ class ExportOptions:
     description: str | None = None
     opset: int = 17
     fp16: bool = False
+    fuse_attention: bool = True
+    quantize: str | None = None
+    calibration_images: Path | None = None
+    parity_classes: Path | None = None
+    force_parity_fail: bool = False
     parity: bool = True
     parity_images: Path = DEFAULT_PARITY_IMAGES
     force: bool = False
@@ -162,6 +161,8 @@ class ExportResult:
     sizes: dict[str, int]
     seconds: dict[str, float]
     parity: dict = field(default_factory=dict)
+    fusion: dict = field(default_factory=dict)
+    variant: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +423,66 @@ class ImageEncoder(nn.Module):
         return self.model.encode_image(pixel_values)
 
 
+class FusableSelfAttention(nn.Module):
+    """`nn.MultiheadAttention` self-attention (no mask, batch first) written as the subgraph that
+    ONNX Runtime's CLIP attention fusion (onnxruntime.transformers, FusionAttentionClip) matches:
+    separate q/k/v projections (MatMul + Add), Reshape to heads, Transpose (k straight to
+    [B,H,d,L]), MatMul, Mul by the scale, Softmax, MatMul, Transpose, Reshape, output projection.
+
+    Same weights and the same arithmetic as `F.multi_head_attention_forward` except that the
+    scale multiplies q·k instead of q (a rounding-level difference, inside the fp32 parity bound).
+    The TorchScript export of `nn.MultiheadAttention` itself packs q/k/v into one MatMul and splits
+    it, which no ORT fusion recognises.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.in_proj_bias is None:
+            raise ExportError("internal: fusable attention needs a batch-first nn.MultiheadAttention with packed q/k/v and biases")
+        width, self.heads = mha.embed_dim, mha.num_heads
+        self.head_dim = width // self.heads
+        self.scale = float(self.head_dim) ** -0.5
+        weights, biases = mha.in_proj_weight.detach().chunk(3), mha.in_proj_bias.detach().chunk(3)
+        self.q, self.k, self.v = (self._linear(w, b) for w, b in zip(weights, biases))
+        self.out_proj = mha.out_proj
+
+    @staticmethod
+    def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0])
+        layer.weight.data.copy_(weight)
+        layer.bias.data.copy_(bias)
+        return layer
+
+    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
+        if (k_x is not None and k_x is not q_x) or (v_x is not None and v_x is not q_x) or attn_mask is not None:
+            raise ExportError("internal: fusable attention covers self-attention without a mask only")
+        batch, length, width = q_x.shape
+        q = self.q(q_x).reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)  # [B,H,L,d]
+        k = self.k(q_x).reshape(batch, length, self.heads, self.head_dim).permute(0, 2, 3, 1)  # [B,H,d,L]
+        v = self.v(q_x).reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)  # [B,H,L,d]
+        weights = torch.softmax(torch.matmul(q, k) * self.scale, dim=-1)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, width)
+        return self.out_proj(out), None
+
+
+@contextlib.contextmanager
+def fusable_image_attention(model: nn.Module):
+    """Temporarily replaces the attention of every vision-transformer block by FusableSelfAttention
+    (same weights); yields the number of blocks replaced (0 for ResNet image towers)."""
+    blocks = getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", [])
+    swapped = []
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, nn.MultiheadAttention) and not hasattr(block, "ln_1_kv"):
+            block.attn = FusableSelfAttention(attn)
+            swapped.append((block, attn))
+    try:
+        yield len(swapped)
+    finally:
+        for block, attn in swapped:
+            block.attn = attn
+
+
 class TextEncoder(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -519,6 +580,56 @@ def _torchscript_export(module: nn.Module, example: torch.Tensor, input_name: st
         )
 
 
+# Fused operators (com.microsoft domain) counted in the optimised image graph.
+FUSED_OPS = ("Attention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "QuickGelu", "Gelu")
+
+
+def op_counts(graph: onnx.ModelProto) -> dict[str, int]:
+    counts = collections.Counter(node.op_type for node in graph.graph.node)
+    return {"nodes": len(graph.graph.node), **{op: counts[op] for op in FUSED_OPS + ("LayerNormalization",)}}
+
+
+def fuse_image_graph(path: Path, model: nn.Module, blocks: int) -> dict:
+    """Runs ONNX Runtime's transformer optimiser (CLIP fusions, Python graph rewrites only:
+    opt_level 0, so nothing machine-specific is baked in) over the image graph and stores the
+    result: one com.microsoft `Attention` per block, `SkipLayerNormalization` for the residual
+    adds, `BiasGelu`/`QuickGelu` for the MLP. ORT's in-session optimiser (ORT_ENABLE_ALL) does not
+    fuse this attention itself, so the fused graph is what ships. Returns the node counts."""
+    import logging
+    from onnxruntime.transformers import optimizer
+
+    before = op_counts(onnx.load(str(path), load_external_data=False))
+    transformer = model.visual.transformer
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    optimized = optimizer.optimize_model(str(path), model_type="clip", num_heads=transformer.resblocks[0].attn.num_heads,
+                                         hidden_size=transformer.width, opt_level=0)
+    optimized.save_model_to_file(str(path))
+    after = op_counts(onnx.load(str(path), load_external_data=False))
+    print(f"fused image graph: {before['nodes']} -> {after['nodes']} nodes; "
+          + ", ".join(f"{after[op]} {op}" for op in FUSED_OPS if after[op]) + f" ({blocks} transformer blocks)")
+    session = _session_counts(path)
+    print(f"  in an ORT_ENABLE_ALL session (what cac-edge runs): {session['nodes']} nodes; "
+          + ", ".join(f"{session[op]} {op}" for op in FUSED_OPS if session[op]))
+    if after["Attention"] != blocks:
+        print(f"warning: ONNX Runtime fused {after['Attention']} of {blocks} attention blocks; the graph is still "
+              "correct (checked below), only slower", file=sys.stderr)
+    return {"blocks": blocks, "before": before, "after": after, "session": session}
+
+
+def _session_counts(path: Path) -> dict[str, int]:
+    """Node counts of the graph as an ORT_ENABLE_ALL CPU session optimises it (saved through
+    SessionOptions.optimized_model_filepath): the fused nodes must survive into what runs."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3  # the "hardware-specific optimisations" notice about the saved copy
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return op_counts(onnx.load(options.optimized_model_filepath, load_external_data=False))
+
+
 def finalize_graph(path: Path, metadata: dict[str, str], fp16: bool) -> None:
     """Adds provenance metadata, optionally stores weights in fp16, and validates the graph."""
     graph = onnx.load(str(path), load_external_data=False)
@@ -582,48 +693,6 @@ def example_inputs(clip: LoadedClip) -> tuple[torch.Tensor, torch.Tensor]:
 # Manifest
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ExportError(f"cannot write the non-finite number {value} to {MANIFEST_FILE}")
-        return repr(value)  # shortest round-trip form, always with '.' or 'e'
-    if isinstance(value, str):
-        # JSON escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
-
-
-def render_manifest(manifest: dict) -> str:
-    """TOML text: top-level scalars first, then one table per dict (file names quoted as keys)."""
-    lines = [f"{key} = {_toml_value(v)}" for key, v in manifest.items() if not isinstance(v, dict)]
-    for table, entries in manifest.items():
-        if isinstance(entries, dict):
-            lines += ["", f"[{table}]"]
-            lines += [f"{_toml_key(key)} = {_toml_value(v)}" for key, v in entries.items()]
-    text = "\n".join(lines) + "\n"
-    if tomllib.loads(text) != manifest:  # the hand-written TOML must read back identically
-        raise AssertionError("bundle.toml does not round-trip")
-    return text
-
-
 def build_manifest(opts: ExportOptions, clip: LoadedClip, context: PromptContext, bundle_dir: Path) -> dict:
     model = clip.model
     logit_scale = float(model.logit_scale.detach().exp().item())
@@ -653,26 +722,6 @@ def build_manifest(opts: ExportOptions, clip: LoadedClip, context: PromptContext
 
 # ---------------------------------------------------------------------------------------------
 # Parity check
-
-
-def eval_transform(preprocess: dict):
-    """open_clip's eval transform for the bundle's preprocessing parameters."""
-    return open_clip.image_transform(
-        preprocess["image_size"], is_train=False, mean=tuple(preprocess["mean"]),
-        std=tuple(preprocess["std"]), interpolation="bicubic", resize_mode="shortest",
-    )
-
-
-def load_pixels(paths: list[Path], preprocess: dict) -> torch.Tensor:
-    transform = eval_transform(preprocess)
-    return torch.stack([transform(Image.open(p)) for p in paths])
-
-
-def parity_images(directory: Path, count: int) -> list[Path]:
-    paths = sorted(p for p in directory.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}) if directory.is_dir() else []
-    if not paths:
-        raise ExportError(f"{directory}: no .jpg/.png images for the parity check; pass --parity-images DIR or --no-parity")
-    return [paths[i % len(paths)] for i in range(max(count, len(paths)))]
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -802,8 +851,15 @@ def _write_bundle(tmp: Path, opts: ExportOptions, clip: LoadedClip, context: Pro
         (TextEncoder(clip.model), ids, ("input_ids", "text_embeds"), TEXT_ZS_FILE, None),
         (PromptedTextEncoder(clip.model, context.ctx), ids, ("input_ids", "text_embeds"), TEXT_FT_FILE, context),
     ]
+    fusion = {}
     for module, example, names, file_name, ctx in graphs:
-        export_graph(module, example, names, tmp / file_name, opts.opset)
+        if file_name == IMAGE_FILE and opts.fuse_attention:
+            with fusable_image_attention(clip.model) as blocks:
+                export_graph(module, example, names, tmp / file_name, opts.opset)
+            if blocks:
+                fusion = fuse_image_graph(tmp / file_name, clip.model, blocks)
+        else:
+            export_graph(module, example, names, tmp / file_name, opts.opset)
         finalize_graph(tmp / file_name, _graph_metadata(clip, ctx, file_name.removesuffix(".onnx")), opts.fp16)
     build_tokenizer_json(str(tmp / TOKENIZER_FILE))
     seconds["export"] = time.perf_counter() - clock
@@ -811,6 +867,7 @@ def _write_bundle(tmp: Path, opts: ExportOptions, clip: LoadedClip, context: Pro
     manifest = build_manifest(opts, clip, context, tmp)
     (tmp / MANIFEST_FILE).write_text(render_manifest(manifest), encoding="utf-8")
     result = ExportResult(tmp, clip, context, {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}, seconds)
+    result.fusion = fusion
 
     if opts.parity:
         clock = time.perf_counter()
@@ -820,7 +877,52 @@ def _write_bundle(tmp: Path, opts: ExportOptions, clip: LoadedClip, context: Pro
         failures = parity_failures(result.parity)
         if failures:
             raise ExportError("parity check failed, bundle not written:\n  " + "\n  ".join(failures))
+    if opts.quantize:
+        clock = time.perf_counter()
+        manifest, result.variant = _int8_variant(tmp, manifest, opts, clip)
+        (tmp / MANIFEST_FILE).write_text(render_manifest(manifest), encoding="utf-8")
+        result.sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        seconds["int8"] = time.perf_counter() - clock
     return result
+
+
+def result_fusion_blocks(clip: LoadedClip) -> int:
+    """Vision-transformer blocks whose attention export.py fuses (0 for ResNet image towers)."""
+    with fusable_image_attention(clip.model) as blocks:
+        return blocks
+
+
+def _int8_variant(tmp: Path, manifest: dict, opts: ExportOptions, clip: LoadedClip) -> tuple[dict, dict]:
+    """--quantize: the int8 image encoder, its parity to fp32 (cosine on the parity images and the
+    demo images, label agreement on the demo images with --parity-classes), and the manifest v2."""
+    import quantize
+    from bundle_io import image_files
+
+    calibration, label = None, None
+    if opts.quantize == "int8-static":
+        folder = opts.calibration_images or opts.parity_images
+        calibration = image_files(folder, recursive=True)
+        if not calibration:
+            raise ExportError(f"{folder}: no .jpg/.png calibration images for int8-static; pass --calibration-images DIR")
+        label = quantize.calibration_label(folder, len(calibration), tmp)
+    images = image_files(opts.parity_images) + image_files(quantize.DEFAULT_LABEL_IMAGES, recursive=True)
+    classes = quantize.read_classes(opts.parity_classes or quantize.DEFAULT_CLASSES)
+    source = None
+    if opts.quantize == "int8-static" and opts.fuse_attention and result_fusion_blocks(clip):
+        # Static int8 has no form of the fused Attention op: quantise an unfused export of the same
+        # image encoder (same weights; not part of the bundle).
+        source = tmp / f".{IMAGE_FILE}.unfused"
+        pixels, _ = example_inputs(clip)
+        export_graph(ImageEncoder(clip.model), pixels, ("pixel_values", "image_embeds"), source, opts.opset)
+        finalize_graph(source, _graph_metadata(clip, None, IMAGE_FILE.removesuffix(".onnx")), opts.fp16)
+    try:
+        return quantize.build_variant(tmp, manifest, "zero_shot", opts.quantize, calibration, label, images, classes,
+                                      opts.force_parity_fail, source)
+    except ExportError as error:
+        raise ExportError(f"{error}; bundle not written") from error
+    finally:
+        if source is not None:
+            source.unlink(missing_ok=True)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -862,11 +964,24 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     out.add_argument("--force", action="store_true", help="replace an existing --out")
     out.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     out.add_argument("--fp16", action="store_true", help="store weights in fp16 (half the size; compute and I/O stay fp32)")
+    out.add_argument("--no-fuse-attention", dest="fuse_attention", action="store_false",
+                     help="export the image transformer's attention as open_clip traces it (unfused, slower)")
+    quant = p.add_argument_group("int8 image encoder (onnx/quantize.py)")
+    quant.add_argument("--quantize", choices=["int8-dynamic", "int8-static"],
+                       help=f"also write {IMAGE_INT8_FILE}, an int8 variant of the image encoder (bundle format 2)")
+    quant.add_argument("--calibration-images", type=Path,
+                       help="int8-static: folder of calibration images, searched recursively (default: --parity-images)")
     check = p.add_argument_group("parity check")
     check.add_argument("--no-parity", dest="parity", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
     check.add_argument("--parity-images", type=Path, default=DEFAULT_PARITY_IMAGES,
                        help="directory of .jpg/.png images for the check (default: the repository's test photos)")
+    check.add_argument("--parity-classes", type=Path,
+                       help="class names, one a line, for the int8 label agreement (default: onnx/demo/classes.txt)")
+    check.add_argument("--force-parity-fail", action="store_true",
+                       help="write the int8 variant even when its parity to fp32 is below the bounds (reported, not refused)")
     args = p.parse_args(argv)
+    if args.quantize and not args.parity:
+        p.error("--quantize needs the parity check (the variant's parity is measured there); drop --no-parity")
     if args.arch and args.model_config:
         p.error("give --arch or --model-config, not both")
     return ExportOptions(**vars(args))

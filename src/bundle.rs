@@ -11,13 +11,58 @@ use sha2::{Digest, Sha256};
 
 use crate::calibrate::CalibrationSettings;
 use crate::preprocess::PreprocessConfig;
+use crate::stamp::VerificationStamp;
 
 /// File name of the manifest inside a bundle directory.
 pub const MANIFEST_FILE: &str = "bundle.toml";
 /// The manifest's required `format` value.
 pub const BUNDLE_FORMAT: &str = "cac-edge-bundle";
-/// The only manifest `format_version` this build reads.
-pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+/// The newest manifest `format_version` this build reads (and `onnx/export.py` writes).
+pub const BUNDLE_FORMAT_VERSION: u32 = 2;
+/// The oldest manifest `format_version` this build still reads: version 1 is version 2 without
+/// image-encoder variants.
+pub const OLDEST_BUNDLE_FORMAT_VERSION: u32 = 1;
+
+/// The numeric precision of an image encoder: the exported fp32 graph, or its int8 variant
+/// (`image_encoder_int8`, bundle format 2). Which one ran is named in every output line, and a
+/// calibration fitted by `eval` belongs to the precision it was measured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The graph as exported: float32 weights and arithmetic.
+    #[default]
+    Fp32,
+    /// The int8-quantised copy (`onnx/quantize.py`): weights in int8, activations quantised
+    /// per run; several times faster on CPUs, embeddings within the parity the export printed.
+    Int8,
+}
+
+impl Precision {
+    /// "fp32" or "int8", as in output lines and options.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Precision::Fp32),
+            "int8" | "i8" => Ok(Precision::Int8),
+            other => Err(format!("unknown precision '{other}': expected fp32 or int8")),
+        }
+    }
+}
 
 /// Why a bundle could not be opened or verified.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +97,17 @@ pub enum BundleError {
         /// Why.
         source: std::io::Error,
     },
+    /// The bundle has no image encoder of the requested precision.
+    #[error(
+        "{path}: the bundle has no {precision} image encoder; run with --precision fp32, or add an int8 variant \
+         with onnx/quantize.py (see onnx/README.md)"
+    )]
+    NoVariant {
+        /// The manifest file.
+        path: PathBuf,
+        /// The precision asked for.
+        precision: Precision,
+    },
     /// A bundle file's sha256 differs from the one in `bundle.toml`.
     #[error(
         "{path}: content does not match the sha256 in bundle.toml (expected {expected}, found {actual}); \
@@ -73,10 +129,13 @@ pub enum BundleError {
 pub struct Manifest {
     /// Always [`BUNDLE_FORMAT`].
     pub format: String,
-    /// Always [`BUNDLE_FORMAT_VERSION`]; other versions are refused.
+    /// [`OLDEST_BUNDLE_FORMAT_VERSION`] to [`BUNDLE_FORMAT_VERSION`]; other versions are refused.
     pub format_version: u32,
     /// Free text, shown in reports.
     pub name: String,
+    /// Informative (format 2): how the int8 variants were made and the parity measured at export.
+    #[serde(default)]
+    pub quantization: Option<toml::Table>,
     /// Optional free text.
     #[serde(default)]
     pub description: Option<String>,
@@ -132,6 +191,9 @@ pub struct ModelSection {
     /// Required for the zero-shot model; absent for a fine-tuned model that shares it.
     #[serde(default)]
     pub image_encoder: Option<String>,
+    /// Format 2: the int8-quantised copy of `image_encoder`, same ONNX contract.
+    #[serde(default)]
+    pub image_encoder_int8: Option<String>,
     /// The text encoder file, relative to the bundle.
     pub text_encoder: String,
     /// Prompt template with exactly one `{}`, replaced by the class name.
@@ -214,6 +276,34 @@ impl Bundle {
         self.manifest.fine_tuned.image_encoder.as_ref().map(|name| self.dir.join(name))
     }
 
+    /// The image encoders of `precision`, by manifest-relative name: the zero-shot one, and the
+    /// fine-tuned one when the fine-tuned model has its own. An error when the bundle has no
+    /// variant of that precision (for either of them).
+    pub fn image_encoder_names(&self, precision: Precision) -> Result<(&str, Option<&str>), BundleError> {
+        let missing = || BundleError::NoVariant { path: self.dir.join(MANIFEST_FILE), precision };
+        let zero_shot = image_encoder_of(&self.manifest.zero_shot, precision).flatten().ok_or_else(missing)?;
+        let fine_tuned = image_encoder_of(&self.manifest.fine_tuned, precision).ok_or_else(missing)?;
+        Ok((zero_shot, fine_tuned))
+    }
+
+    /// Whether the image encoders of `precision` quantise activations per run (int8-dynamic):
+    /// their output for an image then depends on the other images of its batch. True for int8
+    /// unless `[quantization] method` says the scales are static.
+    pub fn is_batch_dependent(&self, precision: Precision) -> bool {
+        let method = self.manifest.quantization.as_ref().and_then(|table| table.get("method")).and_then(|value| value.as_str());
+        precision == Precision::Int8 && method != Some("int8-static")
+    }
+
+    /// The precisions this bundle has image encoders for (fp32 always).
+    pub fn precisions(&self) -> Vec<Precision> {
+        [Precision::Fp32, Precision::Int8].into_iter().filter(|precision| self.image_encoder_names(*precision).is_ok()).collect()
+    }
+
+    /// The manifest's sha256 of a bundle file (lower-case hex), by manifest-relative name.
+    pub fn declared_sha256(&self, name: &str) -> Option<&str> {
+        self.manifest.files.get(name).map(String::as_str)
+    }
+
     /// The zero-shot (original CLIP) text encoder.
     pub fn text_zs_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.zero_shot.text_encoder)
@@ -231,23 +321,45 @@ impl Bundle {
 
     /// Hashes the named files and compares them with the manifest's sha256.
     pub fn verify_files<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<(), BundleError> {
+        names.into_iter().try_for_each(|name| self.verify_file(name))
+    }
+
+    /// [`Bundle::verify_files`], skipping the files `stamp` shows unchanged since they were
+    /// last verified, and recording the ones hashed now.
+    pub fn verify_files_stamped<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        stamp: &std::sync::Mutex<VerificationStamp>,
+    ) -> Result<(), BundleError> {
+        let lock = || stamp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for name in names {
             let path = self.dir.join(name);
-            let expected = self.manifest.files.get(name).cloned().unwrap_or_default();
-            let actual = sha256_file(&path)?;
-            if actual != expected {
-                return Err(BundleError::HashMismatch { path, expected, actual });
+            let expected = self.declared_sha256(name).unwrap_or_default();
+            if lock().is_verified(&path, expected) {
+                tracing::debug!("{}: unchanged since it was verified (stamp), not hashed", path.display());
+                continue;
             }
+            self.verify_file(name)?;
+            lock().record(&path, expected);
         }
         Ok(())
     }
 
-    /// The manifest-relative names of the files that inference (not cache building) reads.
-    pub fn runtime_file_names(&self) -> Vec<&str> {
-        let mut names = Vec::new();
-        names.extend(self.manifest.zero_shot.image_encoder.as_deref());
-        names.extend(self.manifest.fine_tuned.image_encoder.as_deref());
-        names
+    fn verify_file(&self, name: &str) -> Result<(), BundleError> {
+        let path = self.dir.join(name);
+        let expected = self.manifest.files.get(name).cloned().unwrap_or_default();
+        let actual = sha256_file(&path)?;
+        if actual != expected {
+            return Err(BundleError::HashMismatch { path, expected, actual });
+        }
+        Ok(())
+    }
+
+    /// The manifest-relative names of the files that inference (not cache building) reads at
+    /// `precision`.
+    pub fn runtime_file_names(&self, precision: Precision) -> Result<Vec<&str>, BundleError> {
+        let (zero_shot, fine_tuned) = self.image_encoder_names(precision)?;
+        Ok(std::iter::once(zero_shot).chain(fine_tuned).collect())
     }
 
     /// A digest of everything the text features depend on, as declared by the manifest (file
@@ -261,6 +373,10 @@ impl Bundle {
         for (role, model) in [("zero_shot", &manifest.zero_shot), ("fine_tuned", &manifest.fine_tuned)] {
             let _ = writeln!(text, "{role} template {:?} logit_scale {:?}", model.template, model.logit_scale);
             let _ = writeln!(text, "{role} image {:?} text {:?}", model.image_encoder, model.text_encoder);
+            if let Some(int8) = &model.image_encoder_int8 {
+                // Only written when present, so that a format-1 bundle keeps its fingerprint.
+                let _ = writeln!(text, "{role} image int8 {int8:?}");
+            }
         }
         for (name, hash) in &manifest.files {
             let _ = writeln!(text, "file {name:?} {hash}");
@@ -269,15 +385,35 @@ impl Bundle {
     }
 }
 
+/// A model's image encoder of `precision`: `Some(None)` when the model has no image encoder of
+/// its own, `None` when it has one but not of that precision.
+fn image_encoder_of(model: &ModelSection, precision: Precision) -> Option<Option<&str>> {
+    match precision {
+        Precision::Fp32 => Some(model.image_encoder.as_deref()),
+        Precision::Int8 if model.image_encoder.is_none() => Some(None),
+        Precision::Int8 => model.image_encoder_int8.as_deref().map(Some),
+    }
+}
+
 fn validate_manifest(manifest: &Manifest) -> Result<(), String> {
     if manifest.format != BUNDLE_FORMAT {
         return Err(format!("format is '{}', expected '{BUNDLE_FORMAT}'", manifest.format));
     }
-    if manifest.format_version != BUNDLE_FORMAT_VERSION {
+    if !(OLDEST_BUNDLE_FORMAT_VERSION..=BUNDLE_FORMAT_VERSION).contains(&manifest.format_version) {
         return Err(format!(
-            "format_version {} is not supported by this cac-edge (supports {BUNDLE_FORMAT_VERSION}); re-export the bundle with the matching onnx/export.py",
+            "format_version {} is not supported by this cac-edge (supports {OLDEST_BUNDLE_FORMAT_VERSION} to \
+             {BUNDLE_FORMAT_VERSION}); re-export the bundle with the matching onnx/export.py, or update cac-edge",
             manifest.format_version
         ));
+    }
+    let has_variants = [&manifest.zero_shot, &manifest.fine_tuned].iter().any(|model| model.image_encoder_int8.is_some());
+    if manifest.format_version < 2 && (has_variants || manifest.quantization.is_some()) {
+        return Err("image_encoder_int8 and [quantization] need format_version = 2".into());
+    }
+    for (role, model) in [("zero_shot", &manifest.zero_shot), ("fine_tuned", &manifest.fine_tuned)] {
+        if model.image_encoder_int8.is_some() && model.image_encoder.is_none() {
+            return Err(format!("[{role}] names image_encoder_int8 without image_encoder (the fp32 graph it was made from)"));
+        }
     }
     if manifest.embed_dim == 0 || manifest.text.context_length < 2 || manifest.preprocess.image_size == 0 {
         return Err("embed_dim, image_size must be positive and context_length at least 2".into());
@@ -315,8 +451,10 @@ fn validate_manifest(manifest: &Manifest) -> Result<(), String> {
 
 fn referenced_files(manifest: &Manifest) -> Vec<&str> {
     let mut names = vec![manifest.text.tokenizer.as_str(), &manifest.zero_shot.text_encoder, &manifest.fine_tuned.text_encoder];
-    names.extend(manifest.zero_shot.image_encoder.as_deref());
-    names.extend(manifest.fine_tuned.image_encoder.as_deref());
+    for model in [&manifest.zero_shot, &manifest.fine_tuned] {
+        names.extend(model.image_encoder.as_deref());
+        names.extend(model.image_encoder_int8.as_deref());
+    }
     names
 }
 

@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
+use half::{f16, slice::HalfBitsSliceExt};
 use memmap2::Mmap;
 use ndarray::{Array2, ArrayView2, Axis};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -25,14 +27,26 @@ use sha2::{Digest, Sha256};
 use crate::bundle::{hex, Bundle, BundleError};
 use crate::calibrate::{dac_factors, DAC_BASE_DISTANCE, DAC_NEIGHBOURS};
 use crate::encode::{EncodeError, Encoder};
+use crate::logits::TextFeatures;
 use crate::runtime::{Runtime, SessionOptions};
 use crate::threshold::{THRESHOLD_CALIBRATION_KEY, THRESHOLD_KEY};
 use crate::tokenize::{ClipTokenizer, TokenizeError};
 
 /// The cache's `format` metadata value.
 pub const CACHE_FORMAT: &str = "cac-edge-text-cache";
-/// The only cache `format_version` this build reads and writes.
+/// The `format_version` of caches with f32 text features: what every cac-edge build reads.
 pub const CACHE_FORMAT_VERSION: u32 = 1;
+/// The `format_version` of caches with f16 text features. Builds before f16 read only version 1,
+/// so they refuse such a cache with [`CacheError::Version`] instead of misreading it.
+pub const CACHE_FORMAT_VERSION_F16: u32 = 2;
+/// The metadata key naming the text features' precision (`f32` or `f16`).
+pub const FEATURE_PRECISION_KEY: &str = "feature_precision";
+/// From this many classes on, `cache build --feature-precision auto` stores f16 features: they
+/// halve the file, its page cache and the bytes each image's logits read, while the calibrated
+/// probabilities move by at most 3e-4 at D = 512 (docs/FORMATS.md §3). Below it the features are
+/// at most 41 MB at D = 512, and at small D f16 moves probabilities by more (2.4e-3 at D = 64):
+/// f32 keeps the exact features there.
+pub const AUTO_F16_CLASSES: usize = 10_000;
 const TEXT_FEATURES: &str = "text_features";
 const DAC_FACTORS: &str = "dac_factors";
 const IS_BASE: &str = "is_base";
@@ -74,7 +88,10 @@ pub enum CacheError {
         message: String,
     },
     /// Written by another version of cac-edge; rebuilding it is the fix.
-    #[error("{path}: cache format version {found} is not supported by this cac-edge (expects {CACHE_FORMAT_VERSION})")]
+    #[error(
+        "{path}: cache format version {found} is not supported by this cac-edge (it reads versions \
+         {CACHE_FORMAT_VERSION} and {CACHE_FORMAT_VERSION_F16})"
+    )]
     Version {
         /// The cache file.
         path: PathBuf,
@@ -256,6 +273,75 @@ impl ClassList {
     }
 }
 
+/// How a cache stores its class text features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeaturePrecision {
+    /// 4 bytes per value, the text encoders' output as it is.
+    F32,
+    /// 2 bytes per value (IEEE half, rounded to nearest): half the memory read per image; the
+    /// logits are still accumulated in f32.
+    F16,
+}
+
+impl FeaturePrecision {
+    /// `"f32"` or `"f16"`: the `feature_precision` metadata value and the command-line spelling.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FeaturePrecision::F32 => "f32",
+            FeaturePrecision::F16 => "f16",
+        }
+    }
+
+    /// What `--feature-precision auto` picks for `classes` classes: f16 from [`AUTO_F16_CLASSES`] on.
+    pub fn auto(classes: usize) -> FeaturePrecision {
+        if classes >= AUTO_F16_CLASSES {
+            FeaturePrecision::F16
+        } else {
+            FeaturePrecision::F32
+        }
+    }
+
+    /// The safetensors dtype of `text_features`.
+    fn dtype(self) -> Dtype {
+        match self {
+            FeaturePrecision::F32 => Dtype::F32,
+            FeaturePrecision::F16 => Dtype::F16,
+        }
+    }
+
+    /// The `format_version` a cache of this precision is written with.
+    pub fn format_version(self) -> u32 {
+        match self {
+            FeaturePrecision::F32 => CACHE_FORMAT_VERSION,
+            FeaturePrecision::F16 => CACHE_FORMAT_VERSION_F16,
+        }
+    }
+}
+
+impl std::fmt::Display for FeaturePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A precision name other than `f32` or `f16`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown feature precision '{0}' (expected f32 or f16)")]
+pub struct UnknownPrecision(pub String);
+
+impl FromStr for FeaturePrecision {
+    type Err = UnknownPrecision;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "f32" => Ok(FeaturePrecision::F32),
+            "f16" => Ok(FeaturePrecision::F16),
+            other => Err(UnknownPrecision(other.to_string())),
+        }
+    }
+}
+
 /// What two names that are the same class to the model share: NFKC form, lower case, runs of
 /// (Unicode) white space as one space.
 fn name_key(name: &str) -> String {
@@ -325,6 +411,7 @@ pub fn build_cache(
     classes: &ClassList,
     session_options: &SessionOptions,
     output: &Path,
+    feature_precision: FeaturePrecision,
 ) -> Result<(), CacheError> {
     // The cache is trusted for as long as the manifest is, so the files it is computed from are
     // checked against the manifest's hashes now.
@@ -352,9 +439,11 @@ pub fn build_cache(
     let factors = dac_factors(zero_shot.view(), fine_tuned.view(), &classes.is_base);
     let stacked = ndarray::concatenate(Axis(0), &[zero_shot.view(), fine_tuned.view()])
         .map_err(|error| CacheError::Invalid { path: output.to_path_buf(), message: error.to_string() })?;
+    // DAC's factors come from the f32 features, whatever precision is stored.
     let contents = CacheContents {
         classes,
         stacked_text: stacked.view(),
+        feature_precision,
         dac_factors: &factors,
         logit_scale_zs: manifest.zero_shot.logit_scale,
         logit_scale_ft: manifest.fine_tuned.logit_scale,
@@ -451,6 +540,8 @@ pub struct CacheContents<'a> {
     pub classes: &'a ClassList,
     /// [2C, D]: zero-shot rows then fine-tuned rows, L2-normalised.
     pub stacked_text: ArrayView2<'a, f32>,
+    /// How `stacked_text` is stored (f16: rounded to nearest when written).
+    pub feature_precision: FeaturePrecision,
     /// DAC's factor r(c) per class.
     pub dac_factors: &'a [f32],
     /// The zero-shot model's logit scale.
@@ -475,14 +566,18 @@ pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), Cach
     if contents.classes.names.iter().any(|name| name.is_empty() || name.contains('\n')) {
         return Err(invalid("class names must be non-empty single lines".into()));
     }
-    let text_bytes: Vec<u8> = contents.stacked_text.iter().flat_map(|value| value.to_le_bytes()).collect();
+    let precision = contents.feature_precision;
+    let text_bytes: Vec<u8> = match precision {
+        FeaturePrecision::F32 => contents.stacked_text.iter().flat_map(|value| value.to_le_bytes()).collect(),
+        FeaturePrecision::F16 => contents.stacked_text.iter().flat_map(|value| f16::from_f32(*value).to_le_bytes()).collect(),
+    };
     let factor_bytes: Vec<u8> = contents.dac_factors.iter().flat_map(|value| value.to_le_bytes()).collect();
     let base_bytes: Vec<u8> = contents.classes.is_base.iter().map(|&base| u8::from(base)).collect();
     let name_bytes = contents.classes.names.join("\n").into_bytes();
     let tensor =
         |dtype, shape: Vec<usize>, bytes| TensorView::new(dtype, shape, bytes).map_err(|error| invalid(error.to_string()));
     let tensors = BTreeMap::from([
-        (TEXT_FEATURES, tensor(Dtype::F32, vec![2, classes, dim], &text_bytes)?),
+        (TEXT_FEATURES, tensor(precision.dtype(), vec![2, classes, dim], &text_bytes)?),
         (DAC_FACTORS, tensor(Dtype::F32, vec![classes], &factor_bytes)?),
         (IS_BASE, tensor(Dtype::U8, vec![classes], &base_bytes)?),
         (CLASS_NAMES, tensor(Dtype::U8, vec![name_bytes.len()], &name_bytes)?),
@@ -490,7 +585,8 @@ pub fn write_cache(path: &Path, contents: &CacheContents<'_>) -> Result<(), Cach
     let checksum = data_checksum(tensors.iter().map(|(name, view)| (*name, view.data())));
     let metadata = HashMap::from([
         ("format".to_string(), CACHE_FORMAT.to_string()),
-        ("format_version".to_string(), CACHE_FORMAT_VERSION.to_string()),
+        ("format_version".to_string(), precision.format_version().to_string()),
+        (FEATURE_PRECISION_KEY.to_string(), precision.name().to_string()),
         ("source_hash".to_string(), contents.source_hash.clone()),
         ("data_sha256".to_string(), checksum),
         ("bundle_name".to_string(), contents.bundle_name.to_string()),
@@ -517,7 +613,13 @@ fn write_safetensors<'a>(
 
 /// Metadata keys `eval` may set on an existing cache (a fitted temperature, a chosen threshold,
 /// the shift alarm's baseline); everything else is fixed when the cache is built.
-pub const EVAL_METADATA_KEYS: [&str; 4] = [TEMPERATURE_KEY, THRESHOLD_KEY, THRESHOLD_CALIBRATION_KEY, crate::drift::BASELINE_KEY];
+pub const EVAL_METADATA_KEYS: [&str; 5] = [
+    TEMPERATURE_KEY,
+    THRESHOLD_KEY,
+    THRESHOLD_CALIBRATION_KEY,
+    crate::drift::BASELINE_KEY,
+    crate::calibration_path::CALIBRATION_PATH_KEY,
+];
 
 /// A TS temperature fitted on base validation images.
 pub const TEMPERATURE_KEY: &str = "ts_temperature";
@@ -578,6 +680,7 @@ pub struct TextFeatureCache {
     base_range: std::ops::Range<usize>,
     names: Vec<String>,
     embed_dim: usize,
+    feature_precision: FeaturePrecision,
     logit_scale_zs: f32,
     logit_scale_ft: f32,
 }
@@ -606,7 +709,7 @@ impl TextFeatureCache {
         let tensors = SafeTensors::deserialize(&mmap).map_err(|error| invalid(format!("safetensors: {error}")))?;
         let (header_len, parsed) = SafeTensors::read_metadata(&mmap).map_err(|error| invalid(error.to_string()))?;
         let metadata = parsed.metadata().clone().unwrap_or_default();
-        check_format(path, &metadata)?;
+        let version = check_format(path, &metadata)?;
         if options.verify_checksum {
             let checksum = data_checksum(tensors.iter().map(|(name, view)| (name, view.data())));
             if metadata.get("data_sha256") != Some(&checksum) {
@@ -621,7 +724,8 @@ impl TextFeatureCache {
             }
             Ok((info.shape.clone(), data_start + info.data_offsets.0..data_start + info.data_offsets.1))
         };
-        let (text_shape, text_range) = range_of(TEXT_FEATURES, Dtype::F32)?;
+        let feature_precision = feature_precision(path, &parsed, &metadata, version)?;
+        let (text_shape, text_range) = range_of(TEXT_FEATURES, feature_precision.dtype())?;
         let (_, factors_range) = range_of(DAC_FACTORS, Dtype::F32)?;
         let (_, base_range) = range_of(IS_BASE, Dtype::U8)?;
         let (_, names_range) = range_of(CLASS_NAMES, Dtype::U8)?;
@@ -654,12 +758,18 @@ impl TextFeatureCache {
             base_range,
             names,
             embed_dim,
+            feature_precision,
         };
-        // Alignment of the f32 tensors within the page-aligned mapping is checked once here, so
+        // Alignment of the tensors within the page-aligned mapping is checked once here, so
         // the accessors below cannot fail.
-        bytemuck::try_cast_slice::<u8, f32>(&cache.mmap[cache.text_range.clone()])
-            .and(bytemuck::try_cast_slice::<u8, f32>(&cache.mmap[cache.factors_range.clone()]))
-            .map_err(|error| invalid(format!("misaligned f32 tensor: {error:?}")))?;
+        let text = &cache.mmap[cache.text_range.clone()];
+        let text_aligned = match feature_precision {
+            FeaturePrecision::F32 => bytemuck::try_cast_slice::<u8, f32>(text).map(|_| ()),
+            FeaturePrecision::F16 => bytemuck::try_cast_slice::<u8, u16>(text).map(|_| ()),
+        };
+        text_aligned
+            .and(bytemuck::try_cast_slice::<u8, f32>(&cache.mmap[cache.factors_range.clone()]).map(|_| ()))
+            .map_err(|error| invalid(format!("misaligned tensor: {error:?}")))?;
         // A zero, negative or non-finite factor would silently invert or flatten DAC's
         // probabilities; the checksum does not catch a crafted cache whose checksum was redone.
         if let Some(class) = cache.dac_factors().iter().position(|factor| !(factor.is_finite() && *factor > 0.0)) {
@@ -669,6 +779,18 @@ impl TextFeatureCache {
             )));
         }
         Ok(cache)
+    }
+
+    /// Hashes the tensor data and compares it with the stored `data_sha256` (what opening with
+    /// `verify_checksum` does), for a cache opened without it.
+    pub fn verify_data(&self) -> Result<(), CacheError> {
+        let invalid = |message: String| CacheError::Invalid { path: self.path.clone(), message };
+        let tensors = SafeTensors::deserialize(&self.mmap).map_err(|error| invalid(format!("safetensors: {error}")))?;
+        let checksum = data_checksum(tensors.iter().map(|(name, view)| (name, view.data())));
+        if self.metadata.get("data_sha256") != Some(&checksum) {
+            return Err(CacheError::Corrupt { path: self.path.clone() });
+        }
+        Ok(())
     }
 
     /// The cache file.
@@ -696,10 +818,26 @@ impl TextFeatureCache {
         self.mmap[self.base_range.clone()].get(class).is_some_and(|&flag| flag != 0)
     }
 
-    /// [2C, D]: zero-shot rows, then fine-tuned rows; a view into the mapping.
-    pub fn stacked_text_features(&self) -> ArrayView2<'_, f32> {
-        let values: &[f32] = bytemuck::cast_slice(&self.mmap[self.text_range.clone()]);
-        ArrayView2::from_shape((2 * self.names.len(), self.embed_dim), values).expect("shape checked at open")
+    /// [2C, D]: zero-shot rows, then fine-tuned rows, in the stored precision; a view into the
+    /// mapping. [`crate::logits::batch_logits`] takes it as it is; `.to_f32()` gives f32 values.
+    pub fn stacked_text_features(&self) -> TextFeatures<'_> {
+        let bytes = &self.mmap[self.text_range.clone()];
+        let shape = (2 * self.names.len(), self.embed_dim);
+        match self.feature_precision {
+            FeaturePrecision::F32 => {
+                let values: &[f32] = bytemuck::cast_slice(bytes);
+                TextFeatures::F32(ArrayView2::from_shape(shape, values).expect("shape checked at open"))
+            }
+            FeaturePrecision::F16 => {
+                let bits: &[u16] = bytemuck::cast_slice(bytes);
+                TextFeatures::F16(ArrayView2::from_shape(shape, bits.reinterpret_cast::<f16>()).expect("shape checked at open"))
+            }
+        }
+    }
+
+    /// How the text features are stored.
+    pub fn feature_precision(&self) -> FeaturePrecision {
+        self.feature_precision
     }
 
     /// DAC's factor r(c) per class.
@@ -773,7 +911,8 @@ impl TextFeatureCache {
     }
 }
 
-fn check_format(path: &Path, metadata: &HashMap<String, String>) -> Result<(), CacheError> {
+/// Checks the format name and version; returns the version (one this build reads).
+fn check_format(path: &Path, metadata: &HashMap<String, String>) -> Result<u32, CacheError> {
     if metadata.get("format").map(String::as_str) != Some(CACHE_FORMAT) {
         return Err(CacheError::Invalid {
             path: path.to_path_buf(),
@@ -781,10 +920,38 @@ fn check_format(path: &Path, metadata: &HashMap<String, String>) -> Result<(), C
         });
     }
     let version = metadata.get("format_version").cloned().unwrap_or_default();
-    if version != CACHE_FORMAT_VERSION.to_string() {
-        return Err(CacheError::Version { path: path.to_path_buf(), found: version });
+    match version.parse::<u32>() {
+        Ok(known @ (CACHE_FORMAT_VERSION | CACHE_FORMAT_VERSION_F16)) if known.to_string() == version => Ok(known),
+        _ => Err(CacheError::Version { path: path.to_path_buf(), found: version }),
     }
-    Ok(())
+}
+
+/// The text features' precision: the `text_features` dtype, which must agree with the format
+/// version (f16 only in version 2, f32 only in version 1) and with the `feature_precision`
+/// metadata key when present (version-1 caches written before f16 have no key).
+fn feature_precision(
+    path: &Path,
+    parsed: &safetensors::tensor::Metadata,
+    metadata: &HashMap<String, String>,
+    version: u32,
+) -> Result<FeaturePrecision, CacheError> {
+    let invalid = |message: String| CacheError::Invalid { path: path.to_path_buf(), message };
+    let info = parsed.info(TEXT_FEATURES).ok_or_else(|| invalid(format!("tensor '{TEXT_FEATURES}' is missing")))?;
+    let precision = match info.dtype {
+        Dtype::F32 => FeaturePrecision::F32,
+        Dtype::F16 => FeaturePrecision::F16,
+        other => return Err(invalid(format!("tensor '{TEXT_FEATURES}' is {other:?}, expected F32 or F16"))),
+    };
+    if precision.format_version() != version {
+        return Err(invalid(format!("{} text features in a format version {version} cache", precision.name())));
+    }
+    match metadata.get(FEATURE_PRECISION_KEY) {
+        Some(named) if named != precision.name() => Err(invalid(format!(
+            "metadata '{FEATURE_PRECISION_KEY}' is '{named}' but the text features are {}",
+            precision.name()
+        ))),
+        _ => Ok(precision),
+    }
 }
 
 #[cfg(test)]
@@ -810,6 +977,7 @@ mod tests {
             let contents = CacheContents {
                 classes: &classes,
                 stacked_text: features.view(),
+                feature_precision: FeaturePrecision::F32,
                 dac_factors: &factors,
                 logit_scale_zs: 100.0,
                 logit_scale_ft: 100.0,

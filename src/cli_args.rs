@@ -8,9 +8,10 @@ use clap::Args;
 
 use cac_edge::cache::CacheOpenOptions;
 use cac_edge::inputs::{scan, Scan, ScanOptions, SkipReason};
+use cac_edge::preprocess::DecodeMode;
 use cac_edge::runtime::MAX_INTRA_THREADS;
 use cac_edge::{
-    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, SessionOptions,
+    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, Precision, SessionOptions,
 };
 
 pub(crate) const MODEL: &str = "Model";
@@ -33,11 +34,30 @@ pub(crate) struct ModelArgs {
     /// file then goes unnoticed).
     #[arg(long)]
     pub(crate) no_verify: bool,
+    /// Hash the image encoders and the cache data at every start, even when the verification
+    /// stamp (~/.cache/cac-edge/verified/) shows them unchanged since they were verified.
+    #[arg(long, conflicts_with = "no_verify")]
+    pub(crate) verify_always: bool,
+    /// Image encoder precision: fp32 (the exported graphs) or int8 (the bundle's quantised
+    /// variants, several times faster on CPUs).
+    #[arg(long, default_value = "fp32", value_name = "PRECISION")]
+    pub(crate) precision: Precision,
 }
 
 impl ModelArgs {
     pub(crate) fn cache_options(&self) -> CacheOpenOptions {
         CacheOpenOptions { verify_checksum: !self.no_verify }
+    }
+
+    /// The verification and precision fields of a classifier's options.
+    pub(crate) fn apply(&self, options: ClassifierOptions) -> ClassifierOptions {
+        ClassifierOptions {
+            cache: self.cache_options(),
+            verify_bundle_files: !self.no_verify,
+            use_verification_stamp: !self.verify_always,
+            precision: self.precision,
+            ..options
+        }
     }
 }
 
@@ -69,6 +89,12 @@ pub(crate) struct RuntimeArgs {
     /// per model content hash and ONNX Runtime version).
     #[arg(long, global = true, value_name = "DIR")]
     pub(crate) tensorrt_cache: Option<PathBuf>,
+    /// CPU: directory where each image encoder's optimised graph is saved, with its weights
+    /// packed for this CPU, at the first start, and loaded from at later ones (a several times
+    /// faster start for large models; one subdirectory per model, ONNX Runtime version and CPU,
+    /// about twice the model's size).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub(crate) graph_cache: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
@@ -80,6 +106,7 @@ impl RuntimeArgs {
             tensorrt_fp16: self.tensorrt_fp16,
             tensorrt_workspace: self.tensorrt_workspace.map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX)),
             tensorrt_engine_cache: self.tensorrt_cache.clone(),
+            graph_cache: self.graph_cache.clone(),
         }
     }
 }
@@ -163,6 +190,16 @@ pub(crate) struct DecodeArgs {
     /// Images per encoder run (default: 8 for classify, 16 for eval).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub(crate) batch_size: Option<u16>,
+    /// JPEG decoding: exact (open_clip's pixels) or scaled (decode at the smallest DCT scale
+    /// still at least the model's side, then the same resize: faster on large photos, slightly
+    /// different input; BENCHMARKS.md "Large frames").
+    #[arg(long = "decode", value_name = "MODE", default_value = "exact", value_parser = parse_decode_mode)]
+    pub(crate) decode_mode: DecodeMode,
+}
+
+/// `--decode exact|scaled`.
+pub(crate) fn parse_decode_mode(text: &str) -> Result<DecodeMode, String> {
+    text.parse()
 }
 
 impl DecodeArgs {
@@ -172,14 +209,13 @@ impl DecodeArgs {
 
     /// The options of a classifier that decodes as asked, on the runtime as asked.
     pub(crate) fn classifier_options(&self, model: &ModelArgs, runtime: &RuntimeArgs, default_batch: usize) -> ClassifierOptions {
-        ClassifierOptions {
+        model.apply(ClassifierOptions {
             session: runtime.session_options(),
             decode_limits: self.limits(),
+            decode: self.decode_mode,
             batch_size: self.batch_size.map_or(default_batch, usize::from),
-            cache: model.cache_options(),
-            verify_bundle_files: !model.no_verify,
             ..ClassifierOptions::default()
-        }
+        })
     }
 }
 

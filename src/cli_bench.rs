@@ -9,10 +9,11 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use cac_edge::preprocess::DecodeMode;
 use cac_edge::tooling::bench::{run_bench, BatchResult, BenchOptions, BenchReport, Timing};
 use cac_edge::{ClassifierOptions, DecodeLimits, Runtime};
 
-use crate::cli_args::{InputArgs, ModelArgs, RuntimeArgs, OUTPUT};
+use crate::cli_args::{parse_decode_mode, InputArgs, ModelArgs, RuntimeArgs, OUTPUT};
 use crate::cli_output::print_stdout;
 
 const MEASURE: &str = "Measurement";
@@ -32,6 +33,10 @@ pub(crate) struct BenchArgs {
     /// Rounds run first and discarded.
     #[arg(long, default_value_t = 1, help_heading = MEASURE)]
     warmup_rounds: u32,
+    /// JPEG decoding: exact (open_clip's pixels) or scaled (reduced DCT scale, faster on large
+    /// photos).
+    #[arg(long = "decode", value_name = "MODE", default_value = "exact", value_parser = parse_decode_mode, help_heading = MEASURE)]
+    decode_mode: DecodeMode,
     /// Print the whole report as JSON instead of the table.
     #[arg(long, help_heading = OUTPUT)]
     json: bool,
@@ -57,13 +62,12 @@ pub(crate) fn run(args: &BenchArgs, runtime: &Arc<Runtime>) -> Result<ExitCode> 
         bail!("no image files found in {}", given.join(", "));
     }
     let options = BenchOptions {
-        classifier: ClassifierOptions {
+        classifier: args.model.apply(ClassifierOptions {
             session: args.runtime.session_options(),
             decode_limits: DecodeLimits::default(),
-            cache: args.model.cache_options(),
-            verify_bundle_files: !args.model.no_verify,
+            decode: args.decode_mode,
             ..ClassifierOptions::default()
-        },
+        }),
         batch_sizes: args.batch_sizes.clone(),
         rounds: args.rounds as usize,
         warmup_rounds: args.warmup_rounds as usize,
@@ -88,19 +92,21 @@ fn table(report: &BenchReport) -> String {
     let mut out = String::new();
     let threads = report.settings.threads.map_or("ONNX Runtime default".to_string(), |threads| threads.to_string());
     out += &format!(
-        "machine: {} ({} logical cores, {}), ONNX Runtime {}, device {}, intra-op threads: {threads}\n",
+        "machine: {} ({} logical cores, {}), ONNX Runtime {}, device {}, intra-op threads: {threads}, decode: {}\n",
         machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
         machine.logical_cores,
         machine.arch,
         machine.onnxruntime_version.as_deref().unwrap_or("unknown"),
         machine.device,
+        report.settings.decode.name(),
     );
     out += &format!(
-        "bundle: {} (S = {}, D = {}{}), cache: {} classes ({} base), images: {} ({} skipped, mean {:.0} px)\n",
+        "bundle: {} (S = {}, D = {}{}, image encoders {}), cache: {} classes ({} base), images: {} ({} skipped, mean {:.0} px)\n",
         report.bundle.name,
         report.bundle.image_size,
         report.bundle.embed_dim,
         if report.bundle.fine_tuned_image_encoder { ", own fine-tuned image encoder" } else { "" },
+        report.bundle.precision,
         report.cache.classes,
         report.cache.base_classes,
         report.images.used,
@@ -136,6 +142,10 @@ fn batch_table(result: &BatchResult) -> String {
         )
     };
     out += &line("(a) encoder session.run, ready tensor", &result.encoder);
+    for (precision, timing) in &result.encoder_by_precision {
+        let speedup = result.ratios.encoder_speedup.get(precision).copied().unwrap_or(f64::NAN);
+        out += &line(&format!("    the {precision} encoder, same tensors ({speedup:.2}x)"), timing);
+    }
     out += &line("(b) pipeline, calibration none", &result.pipeline.none);
     out += &line("(c) pipeline, cac", &result.pipeline.cac);
     out += &line("(d) pipeline, dac", &result.pipeline.dac);

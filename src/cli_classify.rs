@@ -13,7 +13,7 @@ use cac_edge::preprocess::IMAGE_EXTENSIONS;
 use cac_edge::report::{FailureRecord, PredictionRecord, RecordPath, Summary};
 use cac_edge::{Classifier, Runtime};
 
-use crate::cli_args::{probability, CalibrationArgs, DecodeArgs, InputArgs, ModelArgs, RuntimeArgs, MODEL, OUTPUT};
+use crate::cli_args::{probability, CalibrationArgs, DecodeArgs, InputArgs, ModelArgs, RuntimeArgs, CALIBRATION, MODEL, OUTPUT};
 use crate::cli_output::{OutputError, ResultLines};
 
 #[derive(Args)]
@@ -39,6 +39,11 @@ pub(crate) struct ClassifyArgs {
     /// The base classes of the list given with --classes.
     #[arg(long, requires = "classes", value_name = "FILE", help_heading = MODEL)]
     base: Option<PathBuf>,
+    /// Refuse to run when the temperature, threshold or drift baseline stored in the cache were
+    /// fitted by eval on another path (--precision, --decode, the cache's feature precision)
+    /// than this run's; without it that is a warning.
+    #[arg(long, help_heading = CALIBRATION)]
+    strict: bool,
     #[command(flatten)]
     pub(crate) runtime: RuntimeArgs,
 }
@@ -55,6 +60,7 @@ pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCod
     options.calibration = args.calibration.settings();
     options.threshold = args.threshold;
     options.top_k = usize::from(args.top_k);
+    options.strict = args.strict;
     options.expected_classes = match (&args.classes, &args.base) {
         (Some(classes), Some(base)) => Some(ClassList::from_files(classes, base)?),
         _ => None,
@@ -89,11 +95,12 @@ pub(crate) fn run(args: &ClassifyArgs, runtime: &Arc<Runtime>) -> Result<ExitCod
     }
     let threshold = classifier.threshold();
     tracing::info!(
-        "{summary} (calibration {}, threshold {} from {}, device {}; cache {})",
+        "{summary} (calibration {}, threshold {} from {}, device {}, precision {}; cache {})",
         classifier.calibration().name(),
         threshold.value,
         threshold.source,
         classifier.device().provider,
+        classifier.precision(),
         classifier.cache().class_list_summary()
     );
     Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -108,6 +115,7 @@ fn classify_files(
 ) -> Option<OutputError> {
     let calibration = classifier.calibration().name();
     let device = classifier.device().provider;
+    let precision = classifier.precision();
     let threshold = classifier.threshold().value;
     let mut stopped = None;
     classifier.classify_files(paths, |path, outcome| {
@@ -120,6 +128,7 @@ fn classify_files(
                     threshold,
                     calibration,
                     device,
+                    precision,
                 })
             }
             Err(error) => {

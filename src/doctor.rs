@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, Precision};
 use crate::cache::{CacheOpenOptions, TextFeatureCache};
 use crate::encode::Encoder;
 use crate::pipeline::resolve_calibration;
@@ -185,8 +185,16 @@ fn bundle_checks(runtime: &Runtime, bundle: &Bundle, session: &SessionOptions) -
     });
     let size = bundle.preprocess_config().image_size;
     let dim = bundle.embed_dim();
-    let mut encoders = vec![("image encoder (zero-shot)", bundle.image_zs_path(), true)];
-    encoders.extend(bundle.image_ft_path().map(|path| ("image encoder (fine-tuned)", path, true)));
+    let mut encoders = Vec::new();
+    for precision in bundle.precisions() {
+        let Ok((zero_shot, fine_tuned)) = bundle.image_encoder_names(precision) else { continue };
+        let (zero_shot_label, fine_tuned_label) = match precision {
+            Precision::Fp32 => ("image encoder (zero-shot)", "image encoder (fine-tuned)"),
+            Precision::Int8 => ("image encoder (zero-shot, int8)", "image encoder (fine-tuned, int8)"),
+        };
+        encoders.push((zero_shot_label, bundle.dir().join(zero_shot), true));
+        encoders.extend(fine_tuned.map(|name| (fine_tuned_label, bundle.dir().join(name), true)));
+    }
     encoders.push(("text encoder (zero-shot)", bundle.text_zs_path(), false));
     encoders.push(("text encoder (fine-tuned)", bundle.text_ft_path(), false));
     for (name, path, is_image) in encoders {

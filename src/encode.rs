@@ -63,6 +63,8 @@ pub struct Encoder {
     output: &'static str,
     embed_dim: usize,
     device: ChosenDevice,
+    /// Run a batch one image at a time ([`Encoder::one_image_per_run`]).
+    one_image_per_run: bool,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -80,6 +82,19 @@ impl Encoder {
         image_size: u32,
         embed_dim: usize,
     ) -> Result<Encoder, EncodeError> {
+        Self::open_image_of(runtime, path, None, options, image_size, embed_dim)
+    }
+
+    /// [`Encoder::open_image`] for a model whose sha256 is known (from the bundle's manifest),
+    /// which keys the graph and TensorRT engine caches without reading the file.
+    pub fn open_image_of(
+        runtime: &Runtime,
+        path: &Path,
+        sha256: Option<&str>,
+        options: &SessionOptions,
+        image_size: u32,
+        embed_dim: usize,
+    ) -> Result<Encoder, EncodeError> {
         let size = i64::from(image_size);
         let contract = Contract {
             input: IMAGE_INPUT,
@@ -88,7 +103,7 @@ impl Encoder {
             output: IMAGE_OUTPUT,
             embed_dim,
         };
-        Self::open(runtime, path, options, contract)
+        Self::open(runtime, path, sha256, options, contract)
     }
 
     /// Opens a text encoder: `input_ids` i64 `[N,L]` → `text_embeds` f32 `[N,D]`.
@@ -106,11 +121,17 @@ impl Encoder {
             output: TEXT_OUTPUT,
             embed_dim,
         };
-        Self::open(runtime, path, options, contract)
+        Self::open(runtime, path, None, options, contract)
     }
 
-    fn open(runtime: &Runtime, path: &Path, options: &SessionOptions, contract: Contract) -> Result<Encoder, EncodeError> {
-        let (session, device) = runtime.session(path, options)?;
+    fn open(
+        runtime: &Runtime,
+        path: &Path,
+        sha256: Option<&str>,
+        options: &SessionOptions,
+        contract: Contract,
+    ) -> Result<Encoder, EncodeError> {
+        let (session, device) = runtime.session_of(path, sha256, options)?;
         check_contract(&session, &contract).map_err(|message| EncodeError::Contract { path: path.to_path_buf(), message })?;
         Ok(Encoder {
             session,
@@ -119,6 +140,7 @@ impl Encoder {
             output: contract.output,
             embed_dim: contract.embed_dim,
             device,
+            one_image_per_run: false,
         })
     }
 
@@ -139,8 +161,26 @@ impl Encoder {
 
     /// Encodes a batch of preprocessed images; rows are L2-normalised.
     pub fn encode_images(&mut self, pixels: ArrayView4<'_, f32>) -> Result<Array2<f32>, EncodeError> {
+        let images = pixels.shape()[0];
+        if self.one_image_per_run && images > 1 {
+            let mut rows = Array2::zeros((images, self.embed_dim));
+            for (index, image) in pixels.axis_chunks_iter(Axis(0), 1).enumerate() {
+                let tensor = TensorRef::from_array_view(image).map_err(|error| self.inference_error(error))?;
+                rows.row_mut(index).assign(&self.run(tensor, 1)?.row(0));
+            }
+            return Ok(rows);
+        }
         let tensor = TensorRef::from_array_view(pixels).map_err(|error| self.inference_error(error))?;
-        self.run(tensor, pixels.shape()[0])
+        self.run(tensor, images)
+    }
+
+    /// Runs every batch one image at a time. A dynamically quantised graph chooses its activation
+    /// scale per run, from every image in it, so an image's embedding (and a near-tie label)
+    /// would otherwise depend on which frames shared its batch; one image per run makes each
+    /// result a function of its image alone, at a small cost in throughput.
+    pub fn one_image_per_run(mut self) -> Encoder {
+        self.one_image_per_run = true;
+        self
     }
 
     /// Encodes a batch of token id rows; rows are L2-normalised.

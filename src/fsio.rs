@@ -44,8 +44,7 @@ pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> io::Result<
     sync_dir(&dir)
 }
 
-/// [`write_atomic`] for bytes already in memory (reports and plots).
-#[cfg(any(feature = "tooling", feature = "serve", test))]
+/// [`write_atomic`] for bytes already in memory (reports, plots, the verification stamp).
 pub(crate) fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, |temporary| std::fs::write(temporary, bytes))
 }

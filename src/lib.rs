@@ -47,6 +47,7 @@
 pub mod bundle;
 pub mod cache;
 pub mod calibrate;
+pub mod calibration_path;
 pub mod decide;
 pub mod doctor;
 pub mod drift;
@@ -60,11 +61,13 @@ pub mod report;
 pub mod runtime;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod stamp;
 pub mod threshold;
 pub mod tokenize;
 #[cfg(feature = "tooling")]
 pub mod tooling;
 
+pub use bundle::Precision;
 pub use calibrate::{CacParams, Calibration, CalibrationMethod, CalibrationSettings, ContrastDistance};
 pub use decide::Decision;
 pub use pipeline::{Classifier, ClassifierOptions, ImageEmbeddings, PipelineError as Error, Prediction, RankedClass};

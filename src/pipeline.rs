@@ -10,14 +10,19 @@ use std::sync::Arc;
 use image::RgbImage;
 use ndarray::{Array2, Array4, ArrayView1, ArrayView4, Axis};
 
+use crate::bundle::Precision;
 use crate::bundle::{Bundle, BundleError};
 use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
 use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
+use crate::calibration_path::{CalibrationPath, CALIBRATION_PATH_KEY};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
 use crate::logits::{batch_logits, BatchLogits, LogitScales};
-use crate::preprocess::{decode_file, preprocess_into, DecodeLimits, PreprocessConfig, PreprocessError};
+use crate::preprocess::{
+    decode_file_with, preprocess_scaled_into, DecodeLimits, DecodeMode, Decoded, Geometry, PreprocessConfig, PreprocessError,
+};
 use crate::runtime::{ChosenDevice, Runtime, RuntimeError, SessionOptions};
+use crate::stamp::VerificationStamp;
 use crate::threshold::{self, Threshold};
 
 /// Everything that can go wrong opening a [`Classifier`] or classifying with it.
@@ -59,6 +64,20 @@ pub enum PipelineError {
     /// An option is out of range or contradicts another.
     #[error("invalid option: {0}")]
     Option(String),
+    /// Under `strict`, the calibration stored in the cache was fitted on another inference path.
+    #[error(
+        "{cache}: its stored calibration ({stored}) was fitted by eval on another inference path: this run uses {differences}; \
+         re-run eval on this path with --write-temperature/--write-threshold/--write-drift-baseline, or run the path it \
+         was fitted on"
+    )]
+    CalibrationPathMismatch {
+        /// The cache.
+        cache: PathBuf,
+        /// Which fitted values the cache holds.
+        stored: String,
+        /// What differs, in words.
+        differences: String,
+    },
     /// The encoder run of the batch an image was in failed.
     #[error("{0}")]
     Batch(String),
@@ -79,12 +98,25 @@ pub struct ClassifierOptions {
     pub top_k: usize,
     /// Limits on the files and frames decoded (size, pixels, memory).
     pub decode_limits: DecodeLimits,
+    /// How JPEG files are decoded: `Exact` (default, open_clip parity) or `Scaled` (reduced DCT
+    /// scale, faster on large frames; see [`DecodeMode`]).
+    pub decode: DecodeMode,
     /// Images per encoder run.
     pub batch_size: usize,
     /// How the cache is opened (checksum verification).
     pub cache: CacheOpenOptions,
     /// Hash the image encoders against the manifest before loading them.
     pub verify_bundle_files: bool,
+    /// Skip hashing the image encoders and the cache data when the verification stamp (in the
+    /// user's or service's cache directory, [`crate::stamp`]) shows them unchanged since they
+    /// were last verified; record what is hashed. Off: hash every start.
+    pub use_verification_stamp: bool,
+    /// Which image encoders run: the exported fp32 graphs or their int8 variants.
+    pub precision: Precision,
+    /// Refuse to open when the temperature, threshold or drift baseline stored in the cache
+    /// were fitted on another inference path (precision, decoding, feature precision) than the
+    /// one asked for; otherwise that is a warning ([`crate::calibration_path`]).
+    pub strict: bool,
     /// When given, the cache must have been built for exactly this class list.
     pub expected_classes: Option<ClassList>,
 }
@@ -97,9 +129,13 @@ impl Default for ClassifierOptions {
             threshold: None,
             top_k: 3,
             decode_limits: DecodeLimits::default(),
+            decode: DecodeMode::Exact,
             batch_size: 8,
             cache: CacheOpenOptions::default(),
             verify_bundle_files: true,
+            use_verification_stamp: true,
+            precision: Precision::Fp32,
+            strict: false,
             expected_classes: None,
         }
     }
@@ -185,18 +221,18 @@ impl Classifier {
         }
         let bundle = Bundle::open(bundle_dir)?;
         let preprocess = bundle.preprocess_config();
+        let image_files = bundle.runtime_file_names(options.precision)?;
+        let stamp = std::sync::Mutex::new(VerificationStamp::of_cache(cache_path));
         // Checking the cache and hashing the encoder files read them whole; creating the
         // sessions reads and optimises the same encoders. Run side by side, start-up costs the
         // longer of the two instead of their sum. Errors are reported in the order of the
         // sequential checks (cache, bundle files, sessions), so the message names the real cause.
         let (checked, verified, opened) = std::thread::scope(|scope| {
-            let checked = scope.spawn(|| open_checked_cache(cache_path, &bundle, &options));
-            let verified = scope.spawn(|| {
-                if options.verify_bundle_files {
-                    bundle.verify_files(bundle.runtime_file_names()).map_err(PipelineError::from)
-                } else {
-                    Ok(())
-                }
+            let checked = scope.spawn(|| open_checked_cache(cache_path, &bundle, &options, &stamp));
+            let verified = scope.spawn(|| match (options.verify_bundle_files, options.use_verification_stamp) {
+                (false, _) => Ok(()),
+                (true, false) => bundle.verify_files(image_files.iter().copied()).map_err(PipelineError::from),
+                (true, true) => bundle.verify_files_stamped(image_files.iter().copied(), &stamp).map_err(PipelineError::from),
             });
             let opened = open_image_encoders(runtime, &bundle, &options, preprocess.image_size);
             let panicked = || PipelineError::Batch("a start-up check stopped unexpectedly".into());
@@ -205,6 +241,14 @@ impl Classifier {
         let (cache, calibration, threshold) = checked?;
         verified?;
         let (image_zs, image_ft) = opened?;
+        check_calibration_path(&bundle, &cache, &options)?;
+        if options.use_verification_stamp {
+            let mut stamp = stamp.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Err(error) = stamp.save() {
+                let path = stamp.path().map_or_else(|| "(no cache directory)".into(), |path| path.display().to_string());
+                tracing::debug!("cannot write the verification stamp {path} ({error}); the next start hashes again");
+            }
+        }
         let runtime = Arc::clone(runtime);
         Ok(Classifier { bundle, cache, image_zs, image_ft, preprocess, calibration, threshold, options, _runtime: runtime })
     }
@@ -232,6 +276,16 @@ impl Classifier {
     /// The execution provider the image encoder runs on.
     pub fn device(&self) -> &ChosenDevice {
         self.image_zs.device()
+    }
+
+    /// The inference path this classifier runs, as `eval` records it beside what it fits.
+    pub fn calibration_path(&self) -> Option<CalibrationPath> {
+        calibration_path_of(&self.bundle, &self.cache, &self.options)
+    }
+
+    /// The image encoders' precision.
+    pub fn precision(&self) -> Precision {
+        self.options.precision
     }
 
     /// The deployed class names, in cache order.
@@ -300,13 +354,13 @@ impl Classifier {
         mut report: impl FnMut(&Path, Result<Prediction, PipelineError>) -> ControlFlow<()>,
     ) {
         let batch_size = self.options.batch_size;
-        let limits = self.options.decode_limits;
+        let decoding = self.file_decoding();
         let config = self.preprocess.clone();
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel::<PreparedBatch>(1);
             scope.spawn(move || {
                 for (chunk_index, chunk) in paths.chunks(batch_size).enumerate() {
-                    if sender.send(prepare_batch(chunk, chunk_index * batch_size, &limits, &config)).is_err() {
+                    if sender.send(prepare_batch(chunk, chunk_index * batch_size, &decoding, &config)).is_err() {
                         break;
                     }
                 }
@@ -356,7 +410,7 @@ impl Classifier {
     }
 
     fn preprocess_batch(&self, frames: &[RgbImage], first_index: usize) -> Result<Array4<f32>, PipelineError> {
-        preprocess_frames(frames.iter(), &self.preprocess, first_index)
+        preprocess_frames(frames.iter().map(|frame| (frame, Geometry::full(frame))), &self.preprocess, first_index)
     }
 
     /// How this bundle's frames are preprocessed (a pipelined caller preprocesses the next batch
@@ -386,7 +440,7 @@ impl Classifier {
         paths: &[PathBuf],
         first_index: usize,
     ) -> (Vec<Option<PipelineError>>, Result<ImageEmbeddings, PipelineError>) {
-        let prepared = prepare_batch(paths, first_index, &self.options.decode_limits, &self.preprocess);
+        let prepared = prepare_batch(paths, first_index, &self.file_decoding(), &self.preprocess);
         let embeddings = prepared.pixels.and_then(|pixels| self.encode_pixels(pixels.view()));
         (prepared.failures, embeddings)
     }
@@ -394,6 +448,20 @@ impl Classifier {
     /// The decode limits images are read with.
     pub fn decode_limits(&self) -> &DecodeLimits {
         &self.options.decode_limits
+    }
+
+    /// How JPEG files and frames are decoded.
+    pub fn decode_mode(&self) -> DecodeMode {
+        self.options.decode
+    }
+
+    fn file_decoding(&self) -> FileDecoding {
+        FileDecoding {
+            limits: self.options.decode_limits,
+            mode: self.options.decode,
+            side: self.preprocess.image_size,
+            threads: decode_threads(),
+        }
     }
 
     /// Images per encoder run.
@@ -454,12 +522,63 @@ fn open_checked_cache(
     cache_path: &Path,
     bundle: &Bundle,
     options: &ClassifierOptions,
+    stamp: &std::sync::Mutex<VerificationStamp>,
 ) -> Result<(TextFeatureCache, Calibration, Threshold), PipelineError> {
-    let cache = TextFeatureCache::open(cache_path, options.cache)?;
+    let cache = if options.cache.verify_checksum && options.use_verification_stamp {
+        let cache = TextFeatureCache::open(cache_path, CacheOpenOptions { verify_checksum: false })?;
+        let declared = cache.metadata().get("data_sha256").cloned().unwrap_or_default();
+        let lock = || stamp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if lock().is_verified(cache_path, &declared) {
+            tracing::debug!("{}: unchanged since it was verified (stamp), not hashed", cache_path.display());
+        } else {
+            cache.verify_data()?;
+            lock().record(cache_path, &declared);
+        }
+        cache
+    } else {
+        TextFeatureCache::open(cache_path, options.cache)?
+    };
     cache.check_matches(bundle, options.expected_classes.as_ref())?;
     let calibration = resolve_calibration(&options.calibration, bundle, &cache)?;
     let threshold = threshold::resolve(options.threshold, &cache, &calibration);
     Ok((cache, calibration, threshold))
+}
+
+/// The inference path `options` asks for (precision, decoding, text-feature precision).
+fn calibration_path_of(bundle: &Bundle, cache: &TextFeatureCache, options: &ClassifierOptions) -> Option<CalibrationPath> {
+    CalibrationPath::of(bundle, options.precision, options.decode.name(), cache.feature_precision().name())
+}
+
+/// Warns (or, under `strict`, refuses) when the cache holds values `eval` fitted on another
+/// inference path than the one about to run.
+fn check_calibration_path(bundle: &Bundle, cache: &TextFeatureCache, options: &ClassifierOptions) -> Result<(), PipelineError> {
+    let metadata = cache.metadata();
+    let stored: Vec<&str> = crate::cache::EVAL_METADATA_KEYS
+        .into_iter()
+        .filter(|key| *key != CALIBRATION_PATH_KEY && metadata.contains_key(*key))
+        .collect();
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let fitted = CalibrationPath::stored(metadata.get(CALIBRATION_PATH_KEY), bundle);
+    let running = calibration_path_of(bundle, cache, options);
+    let differences = match (running, fitted) {
+        (Some(running), Some(fitted)) => running.differences(&fitted),
+        _ => vec!["a path the cache's record does not describe".to_string()],
+    };
+    if differences.is_empty() {
+        return Ok(());
+    }
+    let error = PipelineError::CalibrationPathMismatch {
+        cache: cache.path().to_path_buf(),
+        stored: stored.join(", "),
+        differences: differences.join(", "),
+    };
+    if options.strict {
+        return Err(error);
+    }
+    tracing::warn!("{error} (--strict refuses this)");
+    Ok(())
 }
 
 /// The image encoder sessions (the fine-tuned one if the bundle has it).
@@ -469,9 +588,16 @@ fn open_image_encoders(
     options: &ClassifierOptions,
     image_size: u32,
 ) -> Result<(Encoder, Option<Encoder>), PipelineError> {
-    let open = |path: &Path| Encoder::open_image(runtime, path, &options.session, image_size, bundle.embed_dim());
-    let image_zs = open(&bundle.image_zs_path())?;
-    let image_ft = bundle.image_ft_path().map(|path| open(&path)).transpose()?;
+    let (zero_shot, fine_tuned) = bundle.image_encoder_names(options.precision)?;
+    let per_image = bundle.is_batch_dependent(options.precision);
+    let open = |name: &str| {
+        let path = bundle.dir().join(name);
+        let sha256 = bundle.declared_sha256(name);
+        let encoder = Encoder::open_image_of(runtime, &path, sha256, &options.session, image_size, bundle.embed_dim())?;
+        Ok::<_, PipelineError>(if per_image { encoder.one_image_per_run() } else { encoder })
+    };
+    let image_zs = open(zero_shot)?;
+    let image_ft = fine_tuned.map(open).transpose()?;
     Ok((image_zs, image_ft))
 }
 
@@ -492,11 +618,32 @@ struct PreparedBatch {
     pixels: Result<Array4<f32>, PipelineError>,
 }
 
-fn prepare_batch(paths: &[PathBuf], first_index: usize, limits: &DecodeLimits, config: &PreprocessConfig) -> PreparedBatch {
+/// How the files of a batch are decoded.
+struct FileDecoding {
+    limits: DecodeLimits,
+    mode: DecodeMode,
+    /// The encoder's input side, which the scaled decode must not go below.
+    side: u32,
+    /// Threads decoding the files of one batch.
+    threads: usize,
+}
+
+/// Threads that decode the files of a batch: half the cores, at least one. The batch is
+/// decoded while the encoder runs the previous one on its own intra-op threads (by default as
+/// many as there are cores), so taking every core would only make the two stages contend;
+/// half keeps decoding ahead of the encoder when frames are large (a 12 MP JPEG takes about as
+/// long as a ViT-B-32 run) and leaves a 2-core box with the one decoding thread it had.
+fn decode_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
+}
+
+fn prepare_batch(paths: &[PathBuf], first_index: usize, decoding: &FileDecoding, config: &PreprocessConfig) -> PreparedBatch {
+    let decoded = decode_files(paths, decoding);
     let mut frames = Vec::with_capacity(paths.len());
     let failures = paths
         .iter()
-        .map(|path| match decode_file(path, limits) {
+        .zip(decoded)
+        .map(|(path, result)| match result {
             Ok(frame) => {
                 frames.push(frame);
                 None
@@ -504,23 +651,53 @@ fn prepare_batch(paths: &[PathBuf], first_index: usize, limits: &DecodeLimits, c
             Err(source) => Some(PipelineError::Image { path: path.clone(), source }),
         })
         .collect();
-    PreparedBatch { failures, pixels: preprocess_frames(frames.iter(), config, first_index) }
+    let pixels = preprocess_frames(frames.iter().map(|frame: &Decoded| (&frame.rgb, frame.geometry)), config, first_index);
+    PreparedBatch { failures, pixels }
 }
 
-/// Preprocesses frames into one zeroed `[N, 3, S, S]` tensor, filled frame by frame; an error
-/// names the frame by `first_index` + its position.
+/// Decodes `paths` in order, split into contiguous runs over up to `decoding.threads` threads.
+fn decode_files(paths: &[PathBuf], decoding: &FileDecoding) -> Vec<Result<Decoded, PreprocessError>> {
+    let decode = |path: &PathBuf| decode_file_with(path, &decoding.limits, decoding.mode, decoding.side);
+    let threads = decoding.threads.min(paths.len());
+    if threads <= 1 {
+        return paths.iter().map(decode).collect();
+    }
+    let run = paths.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = paths
+            .chunks(run)
+            .map(|part| (part.len(), scope.spawn(move || part.iter().map(decode).collect::<Vec<_>>())))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(len, handle)| {
+                // A decoder panic loses that run's images, reported as errors, not the batch.
+                handle.join().unwrap_or_else(|_| (0..len).map(|_| Err(decoder_panicked())).collect())
+            })
+            .collect()
+    })
+}
+
+fn decoder_panicked() -> PreprocessError {
+    PreprocessError::Decode("the decoder stopped unexpectedly (a bug: please report the file)".into())
+}
+
+/// Preprocesses frames (pixels, and the geometry of the image they were decoded from) into one
+/// zeroed `[N, 3, S, S]` tensor, filled frame by frame; an error names the frame by
+/// `first_index` + its position.
 pub(crate) fn preprocess_frames<'a>(
-    frames: impl ExactSizeIterator<Item = &'a RgbImage>,
+    frames: impl ExactSizeIterator<Item = (&'a RgbImage, Geometry)>,
     config: &PreprocessConfig,
     first_index: usize,
 ) -> Result<Array4<f32>, PipelineError> {
     let side = config.image_size as usize;
     let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
-    for (slot, (frame, mut target)) in frames.zip(pixels.outer_iter_mut()).enumerate() {
+    for (slot, ((frame, geometry), mut target)) in frames.zip(pixels.outer_iter_mut()).enumerate() {
         // outer_iter_mut of a standard-layout array yields contiguous slices; an empty
         // fallback makes preprocess_into report a size error rather than panic.
         let out = target.as_slice_mut().unwrap_or_default();
-        preprocess_into(frame, config, out).map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
+        preprocess_scaled_into(frame, geometry, config, out)
+            .map_err(|source| PipelineError::Frame { index: first_index + slot, source })?;
     }
     Ok(pixels)
 }

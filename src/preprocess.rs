@@ -12,6 +12,10 @@
 //!   a = −0.5, kernel widened by the downscale factor = Pillow's antialiasing), crops the centre
 //!   with torchvision's rounding and normalises into a CHW `f32` slice.
 //!
+//! * [`DecodeMode::Scaled`] ([`decode_file_with`], [`preprocess_scaled_into`]) trades exact
+//!   parity for speed on large JPEGs: decoded at a reduced DCT scale, resized along the full
+//!   image's geometry.
+//!
 //! Conversion happens before the resize, as in the CoOp/Dassl loaders
 //! (`Image.open(p).convert("RGB")`). open_clip applied to a raw palette or alpha image resizes in
 //! the file's mode instead (nearest neighbour for palette images, alpha-premultiplied for
@@ -229,6 +233,12 @@ pub enum PreprocessError {
 /// never end, like `/dev/zero`), and on Unix the file is opened non-blocking, so even a path
 /// swapped for a FIFO after the check cannot block the open.
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    let bytes = read_image_file(path, limits)?;
+    decode_bytes(&bytes, limits)
+}
+
+/// The file's bytes, read under [`decode_file`]'s checks (regular file, size budget).
+fn read_image_file(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>, PreprocessError> {
     let kind = std::fs::metadata(path)?.file_type();
     if !kind.is_file() {
         return Err(PreprocessError::NotRegularFile { kind: file_kind(kind) });
@@ -248,7 +258,7 @@ pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, Prepr
     if bytes.len() as u64 > max_bytes {
         return Err(PreprocessError::ReadTooLarge { max_bytes });
     }
-    decode_bytes(&bytes, limits)
+    Ok(bytes)
 }
 
 #[cfg(unix)]
@@ -328,6 +338,172 @@ pub fn decode_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pre
     decoder.set_limits(image_limits).map_err(from_image_error)?;
     let image = DynamicImage::from_decoder(decoder).map_err(from_image_error)?;
     Ok(to_rgb8(image))
+}
+
+// ------------------------------------------------------------------------- scaled decoding
+
+/// How JPEG files are decoded: at full size (open_clip's pixels), or at a reduced DCT scale.
+///
+/// `Scaled` decodes a JPEG at the smallest of the DCT scales 1/8, 1/4, 1/2 whose result is still
+/// at least S on the short side ([`jpeg_scale_denominator`]), then runs the same resize and crop.
+/// Skipping most of the inverse DCT, the upsampling and the colour conversion brings decode +
+/// preprocess of a 12 MP frame to about 0.6× the exact path's time (the Huffman decoding that
+/// remains is the floor); the 224 px input then differs slightly from open_clip's (≥ 42 dB
+/// PSNR on the test photos; BENCHMARKS.md, "Large frames", has the cosine and labels too).
+/// Other formats, and JPEGs too small to scale, always take the exact path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeMode {
+    /// Full-size decode: open_clip parity. The default of `classify`.
+    #[default]
+    Exact,
+    /// Reduced-scale JPEG decode: faster on large frames. The default of `serve`.
+    Scaled,
+}
+
+impl DecodeMode {
+    /// The mode's name, as the CLI and the serve config spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeMode::Exact => "exact",
+            DecodeMode::Scaled => "scaled",
+        }
+    }
+}
+
+impl std::str::FromStr for DecodeMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "exact" => Ok(DecodeMode::Exact),
+            "scaled" => Ok(DecodeMode::Scaled),
+            other => Err(format!("unknown decode mode '{other}': expected exact or scaled")),
+        }
+    }
+}
+
+/// The full size of a decoded image and the scale 1/k its pixels were decoded at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// The encoded image's width and height.
+    pub full_size: (u32, u32),
+    /// k: the pixels are the image at scale 1/k, ⌈W/k⌉ × ⌈H/k⌉ (1: full size).
+    pub denominator: u32,
+}
+
+impl Geometry {
+    /// An image at full size.
+    pub fn full(rgb: &RgbImage) -> Self {
+        Geometry { full_size: rgb.dimensions(), denominator: 1 }
+    }
+
+    /// The full image's extent in the reduced image's pixels: W/k × H/k (fractional).
+    fn extent(self) -> (f64, f64) {
+        let k = f64::from(self.denominator.max(1));
+        (f64::from(self.full_size.0) / k, f64::from(self.full_size.1) / k)
+    }
+}
+
+/// An image from [`decode_file_with`] / [`decode_bytes_with`]: its pixels, and the geometry
+/// [`preprocess_scaled_into`] needs to resize them as the full image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The pixels, at full size or reduced.
+    pub rgb: RgbImage,
+    /// The full size and the scale of `rgb`.
+    pub geometry: Geometry,
+}
+
+impl Decoded {
+    fn full(rgb: RgbImage) -> Self {
+        Decoded { geometry: Geometry::full(&rgb), rgb }
+    }
+}
+
+/// The DCT scale 1/k (k = 8, 4, 2, or 1 for none) at which a `width` × `height` JPEG is
+/// decoded so that its short side is still at least `side`: the largest k with
+/// ⌈short / k⌉ ≥ `side` (libjpeg and jpeg-decoder round scaled sizes up).
+pub fn jpeg_scale_denominator(width: u32, height: u32, side: u32) -> u32 {
+    let short = width.min(height);
+    [8, 4, 2].into_iter().find(|&k| short.div_ceil(k) >= side).unwrap_or(1)
+}
+
+/// [`decode_file`], with JPEGs decoded at a reduced scale under [`DecodeMode::Scaled`] (for an
+/// encoder of side `side`). The file checks and limits are those of [`decode_file`].
+pub fn decode_file_with(path: &Path, limits: &DecodeLimits, mode: DecodeMode, side: u32) -> Result<Decoded, PreprocessError> {
+    match mode {
+        DecodeMode::Exact => decode_file(path, limits).map(Decoded::full),
+        DecodeMode::Scaled => {
+            let bytes = read_image_file(path, limits)?;
+            decode_bytes_with(&bytes, limits, mode, side)
+        }
+    }
+}
+
+/// [`decode_bytes`], with JPEGs decoded at a reduced scale under [`DecodeMode::Scaled`].
+///
+/// The scaled path refuses nothing the exact path accepts: a JPEG it cannot handle (lossless,
+/// CMYK, 16-bit, a variant its decoder rejects) or that is too small to scale goes to the exact
+/// path, which decodes it or reports its own error. Truncation and the size limits are checked
+/// as in the exact path, against the full declared size, so both modes refuse the same files.
+pub fn decode_bytes_with(bytes: &[u8], limits: &DecodeLimits, mode: DecodeMode, side: u32) -> Result<Decoded, PreprocessError> {
+    if mode == DecodeMode::Scaled && image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
+        if !jpeg_reaches_end_marker(bytes) {
+            return Err(PreprocessError::Decode(
+                "the JPEG data stops before its end-of-image marker: the file is truncated".into(),
+            ));
+        }
+        if let Some(image) = decode_jpeg_scaled(bytes, limits, side)? {
+            return Ok(image);
+        }
+    }
+    decode_bytes(bytes, limits).map(Decoded::full)
+}
+
+/// The scaled decode with jpeg-decoder (pure Rust, image-rs; its `scale` skips the IDCT work
+/// the reduced size does not need). `Ok(None)`: not scalable here, use the exact path.
+fn decode_jpeg_scaled(bytes: &[u8], limits: &DecodeLimits, side: u32) -> Result<Option<Decoded>, PreprocessError> {
+    // jpeg-decoder panics on a few malformed inputs (`info()` of a 2-component frame, a worker
+    // thread's failure); a panic here must not take the camera service down: the exact path
+    // then decides about the file.
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scaled_decode_steps(bytes, limits, side)));
+    attempt.unwrap_or(Ok(None))
+}
+
+fn scaled_decode_steps(bytes: &[u8], limits: &DecodeLimits, side: u32) -> Result<Option<Decoded>, PreprocessError> {
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    if decoder.read_info().is_err() {
+        return Ok(None);
+    }
+    let Some(info) = decoder.info() else { return Ok(None) };
+    let channels = match info.pixel_format {
+        jpeg_decoder::PixelFormat::L8 => 1,
+        jpeg_decoder::PixelFormat::RGB24 => 3,
+        _ => return Ok(None), // CMYK and 16-bit grey: the exact path's conversions
+    };
+    if info.coding_process == jpeg_decoder::CodingProcess::Lossless {
+        return Ok(None);
+    }
+    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    check_size(width, height, u64::from(width) * u64::from(height) * channels, limits)?;
+    let k = jpeg_scale_denominator(width, height, side);
+    if k == 1 {
+        return Ok(None);
+    }
+    // Asking for exactly the 1/k size makes jpeg-decoder pick 1/k (it takes the smallest scale
+    // whose size reaches the request on either axis).
+    let request = |length: u32| u16::try_from(length.div_ceil(k)).unwrap_or(u16::MAX);
+    let Ok((out_width, out_height)) = decoder.scale(request(width), request(height)) else { return Ok(None) };
+    let (out_width, out_height) = (u32::from(out_width), u32::from(out_height));
+    // The geometry below assumes exactly 1/k; anything else (never seen) takes the exact path.
+    if (out_width, out_height) != (width.div_ceil(k), height.div_ceil(k)) {
+        return Ok(None);
+    }
+    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_alloc_bytes).unwrap_or(usize::MAX));
+    let Ok(pixels) = decoder.decode() else { return Ok(None) };
+    let rgb = if channels == 1 { expand(&pixels, 1, |p| [p[0]; 3]) } else { pixels };
+    let geometry = Geometry { full_size: (width, height), denominator: k };
+    Ok(RgbImage::from_raw(out_width, out_height, rgb).map(|rgb| Decoded { rgb, geometry }))
 }
 
 /// Walks the JPEG marker segments and entropy-coded scans after SOI; true when an EOI marker
@@ -487,24 +663,40 @@ pub fn center_crop_offset(len: u32, crop: u32) -> u32 {
 /// writes CHW `f32` into `out` (`out.len() == cfg.tensor_len()`), so a batch tensor can be
 /// filled in place.
 pub fn preprocess_into(rgb: &RgbImage, cfg: &PreprocessConfig, out: &mut [f32]) -> Result<(), PreprocessError> {
+    preprocess_scaled_into(rgb, Geometry::full(rgb), cfg, out)
+}
+
+/// [`preprocess_into`] of an image decoded at scale 1/k ([`Decoded`]): the resize and crop
+/// follow the full image's `geometry` (the output size and crop offsets open_clip computes on
+/// it), sampled from the reduced pixels. Resizing the reduced image as an image of its own
+/// would stretch it slightly — its last row and column stand for a partial block (⌈W/k⌉ pixels
+/// for W/k) — and shift the crop by up to half an output pixel, which costs about 10 dB of
+/// PSNR on detailed photos.
+pub fn preprocess_scaled_into(
+    rgb: &RgbImage,
+    geometry: Geometry,
+    cfg: &PreprocessConfig,
+    out: &mut [f32],
+) -> Result<(), PreprocessError> {
     cfg.validate()?;
     if out.len() != cfg.tensor_len() {
         return Err(PreprocessError::OutputLength { expected: cfg.tensor_len(), actual: out.len() });
     }
     let (width, height) = rgb.dimensions();
-    if width == 0 || height == 0 {
+    let (full_width, full_height) = geometry.full_size;
+    if width == 0 || height == 0 || full_width == 0 || full_height == 0 {
         return Err(PreprocessError::EmptyImage { width, height });
     }
     let side = cfg.image_size;
-    let (new_width, new_height) = resized_size(width, height, side);
+    let (new_width, new_height) = resized_size(full_width, full_height, side);
     let left = center_crop_offset(new_width, side);
     let top = center_crop_offset(new_height, side);
     let luts = normalisation_luts(cfg);
-    if (new_width, new_height) == (width, height) {
+    if (new_width, new_height) == (width, height) && geometry.denominator == 1 {
         // torchvision returns the image untouched when it already has the target size.
         return write_chw(rgb.as_raw(), width, (left, top), side, &luts, out);
     }
-    let crop = resize_crop(rgb, (new_width, new_height), (left, top), side)?;
+    let crop = resize_crop(rgb, geometry.extent(), (new_width, new_height), (left, top), side)?;
     write_chw(&crop, side, (0, 0), side, &luts, out)
 }
 
@@ -530,10 +722,16 @@ thread_local! {
 /// (fast_image_resize clips kernels at the image border, not at the box, as Pillow does) while
 /// only the kept pixels are computed. Besides the time saved, a 1 × 16384 strip no longer
 /// needs a 224 × 3.7 M buffer.
-fn resize_crop(rgb: &RgbImage, resized: (u32, u32), offset: (u32, u32), side: u32) -> Result<Vec<u8>, PreprocessError> {
+fn resize_crop(
+    rgb: &RgbImage,
+    extent: (f64, f64),
+    resized: (u32, u32),
+    offset: (u32, u32),
+    side: u32,
+) -> Result<Vec<u8>, PreprocessError> {
     let (width, height) = rgb.dimensions();
-    let columns = Window::new(width, resized.0, offset.0, side);
-    let rows = Window::new(height, resized.1, offset.1, side);
+    let columns = Window::new(extent.0, resized.0, offset.0, side);
+    let rows = Window::new(extent.1, resized.1, offset.1, side);
     // Pass 1, horizontal: only the source rows the vertical kernels will read.
     let (first_row, last_row) = rows.source_span(height);
     let band_height = last_row - first_row;
@@ -544,7 +742,8 @@ fn resize_crop(rgb: &RgbImage, resized: (u32, u32), offset: (u32, u32), side: u3
     resample(&band, (side, band_height), crop_box, (side, side))
 }
 
-/// One axis of the crop window, in source coordinates: `start` and `len` (fractional).
+/// One axis of the crop window, in source coordinates: `start` and `len` (fractional). The
+/// source spans `extent` pixels: its pixel count, or W/k for an image decoded at 1/k.
 struct Window {
     start: f64,
     len: f64,
@@ -552,11 +751,11 @@ struct Window {
 }
 
 impl Window {
-    fn new(source: u32, resized: u32, offset: u32, side: u32) -> Self {
-        let scale = f64::from(source) / f64::from(resized);
+    fn new(extent: f64, resized: u32, offset: u32, side: u32) -> Self {
+        let scale = extent / f64::from(resized);
         let start = f64::from(offset) * scale;
         // min(): the last window ends exactly at the border; rounding must not push it past.
-        let len = (f64::from(side) * scale).min(f64::from(source) - start);
+        let len = (f64::from(side) * scale).min(extent - start);
         Self { start, len, scale }
     }
 
@@ -668,6 +867,38 @@ mod tests {
         assert_eq!(resized_size(7, 3, 224), (522, 224));
         // Exactly representable: 336*224/224 = 336.
         assert_eq!(resized_size(336, 224, 224), (336, 224));
+    }
+
+    #[test]
+    fn scale_is_the_smallest_keeping_the_short_side_at_least_s() {
+        // 12 MP phone frame: 1/8 gives 504 x 378, short side 378 >= 224.
+        assert_eq!(jpeg_scale_denominator(4032, 3024, 224), 8);
+        assert_eq!(jpeg_scale_denominator(3024, 4032, 224), 8);
+        // 1080p: 1/8 would give 135 rows, 1/4 gives 270 >= 224.
+        assert_eq!(jpeg_scale_denominator(1920, 1080, 224), 4);
+        // 720p: 1/4 gives 180, 1/2 gives 360.
+        assert_eq!(jpeg_scale_denominator(1280, 720, 224), 2);
+        // Too small to scale: the exact path.
+        assert_eq!(jpeg_scale_denominator(300, 200, 224), 1);
+        // At the boundary: ceil(447 / 2) = 224 is enough, ceil(446 / 2) = 223 is not.
+        assert_eq!(jpeg_scale_denominator(640, 447, 224), 2);
+        assert_eq!(jpeg_scale_denominator(640, 446, 224), 1);
+        // Scaled sizes round up: ceil(1785 / 8) = 224 is enough, ceil(1784 / 8) = 223 is not.
+        assert_eq!(jpeg_scale_denominator(4000, 1785, 224), 8);
+        assert_eq!(jpeg_scale_denominator(4000, 1784, 224), 4);
+        // A long strip is judged by its short side.
+        assert_eq!(jpeg_scale_denominator(16000, 100, 224), 1);
+        assert_eq!(jpeg_scale_denominator(0, 0, 224), 1);
+    }
+
+    #[test]
+    fn decode_mode_names_round_trip() {
+        for mode in [DecodeMode::Exact, DecodeMode::Scaled] {
+            assert_eq!(mode.name().parse::<DecodeMode>(), Ok(mode));
+            assert_eq!(serde_json::to_string(&mode).expect("json"), format!("\"{}\"", mode.name()));
+        }
+        assert_eq!(DecodeMode::default(), DecodeMode::Exact);
+        assert!("fast".parse::<DecodeMode>().is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::bundle::Precision;
 use crate::decide::Decision;
 use crate::pipeline::Prediction;
 use crate::runtime::Provider;
@@ -58,6 +59,8 @@ pub struct PredictionRecord<'a> {
     pub calibration: &'static str,
     /// The execution provider the encoder ran on.
     pub device: Provider,
+    /// The image encoders' precision (fp32 or int8).
+    pub precision: Precision,
 }
 
 /// An image that could not be classified.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ort::ep::{self, ExecutionProvider};
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
 /// Environment variable naming the ONNX Runtime shared library (ort's own convention).
@@ -168,6 +168,10 @@ pub struct SessionOptions {
     /// Root of the TensorRT engine cache (one subdirectory per model, see
     /// [`Runtime::tensorrt_engine_dir`]); `None` disables it.
     pub tensorrt_engine_cache: Option<PathBuf>,
+    /// CPU provider: root of the graph cache, where each model's optimised graph is saved with
+    /// its weights already packed for this CPU at the first start and loaded from at later
+    /// ones (see [`Runtime::graph_cache_dir`]); `None` disables it.
+    pub graph_cache: Option<PathBuf>,
 }
 
 impl Default for SessionOptions {
@@ -179,6 +183,7 @@ impl Default for SessionOptions {
             tensorrt_fp16: false,
             tensorrt_workspace: None,
             tensorrt_engine_cache: None,
+            graph_cache: None,
         }
     }
 }
@@ -265,9 +270,50 @@ impl Runtime {
 
     /// Creates a session for `model` on the provider `options` asks for.
     pub fn session(&self, model: &Path, options: &SessionOptions) -> Result<(Session, ChosenDevice), RuntimeError> {
-        let session_error = |error: ort::Error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() };
+        self.session_of(model, None, options)
+    }
+
+    /// [`Runtime::session`] for a model whose sha256 is already known (a bundle's manifest
+    /// declares it), so that the TensorRT engine and graph caches can be keyed without reading
+    /// the whole file again.
+    pub fn session_of(
+        &self,
+        model: &Path,
+        sha256: Option<&str>,
+        options: &SessionOptions,
+    ) -> Result<(Session, ChosenDevice), RuntimeError> {
         options.validate()?;
         let chosen = self.choose_device(options.device)?;
+        let content_hash = || match sha256 {
+            Some(hash) => Ok(hash.to_string()),
+            None => crate::bundle::sha256_file(model)
+                .map_err(|error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() }),
+        };
+        let session = match (&options.graph_cache, chosen.provider) {
+            (Some(root), Provider::Cpu) => {
+                self.cached_graph_session(model, &self.graph_cache_dir(root, &content_hash()?), options)?
+            }
+            _ => {
+                let engine_cache = match (&options.tensorrt_engine_cache, chosen.provider) {
+                    (Some(root), Provider::TensorRt) => Some(self.tensorrt_engine_dir_of(root, &content_hash()?, model)?),
+                    _ => None,
+                };
+                let builder = self.builder(model, options, chosen.provider, engine_cache.as_deref())?;
+                commit(builder, model)?
+            }
+        };
+        Ok((session, chosen))
+    }
+
+    /// A session builder with the optimisation level, threads and providers of `options`.
+    fn builder(
+        &self,
+        model: &Path,
+        options: &SessionOptions,
+        provider: Provider,
+        engine_cache: Option<&Path>,
+    ) -> Result<SessionBuilder, RuntimeError> {
+        let session_error = |error: ort::Error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() };
         let mut builder = Session::builder(&self.environment)
             .map_err(session_error)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -275,16 +321,87 @@ impl Runtime {
         if let Some(threads) = options.intra_threads {
             builder = builder.with_intra_threads(threads).map_err(|error| session_error(error.into()))?;
         }
-        let engine_cache = match (&options.tensorrt_engine_cache, chosen.provider) {
-            (Some(root), Provider::TensorRt) => Some(self.tensorrt_engine_dir(root, model)?),
-            _ => None,
-        };
-        let providers = provider_list(chosen.provider, options, engine_cache.as_deref());
+        let providers = provider_list(provider, options, engine_cache);
         if !providers.is_empty() {
             builder = builder.with_execution_providers(providers).map_err(|error| session_error(error.into()))?;
         }
-        let session = builder.commit_from_file(model).map_err(session_error)?;
-        Ok((session, chosen))
+        Ok(builder)
+    }
+
+    /// The CPU session of `model` through the graph cache `dir`: loaded from the saved graph when
+    /// there is one, else created from `model` while ONNX Runtime saves the optimised graph and
+    /// its packed weights into a fresh directory that is then renamed into place (so a reader
+    /// sees a whole entry or none). A saved graph that no longer loads is replaced; a graph that
+    /// cannot be saved (a full or read-only disk) costs a warning, never the session.
+    fn cached_graph_session(&self, model: &Path, dir: &Path, options: &SessionOptions) -> Result<Session, RuntimeError> {
+        let saved = dir.join(GRAPH_CACHE_MODEL);
+        if saved.is_file() {
+            match self.builder(&saved, options, Provider::Cpu, None).and_then(|builder| commit(builder, &saved)) {
+                Ok(session) => return Ok(session),
+                Err(error) => {
+                    tracing::warn!("the saved graph {} does not load ({error}); saving it again", saved.display());
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+        }
+        match self.save_graph(model, dir, options) {
+            Ok(session) => Ok(session),
+            Err(GraphSaveError::Session(error)) => Err(error),
+            Err(GraphSaveError::Save(message)) => {
+                tracing::warn!("cannot save the optimised graph of {} into {}: {message}", model.display(), dir.display());
+                commit(self.builder(model, options, Provider::Cpu, None)?, model)
+            }
+        }
+    }
+
+    fn save_graph(&self, model: &Path, dir: &Path, options: &SessionOptions) -> Result<Session, GraphSaveError> {
+        let parent = dir.parent().unwrap_or(dir);
+        let save = |message: String| GraphSaveError::Save(message);
+        std::fs::create_dir_all(parent).map_err(|error| save(format!("cannot create {}: {error}", parent.display())))?;
+        let staging = parent.join(format!(
+            ".{}.tmp-{}",
+            dir.file_name().and_then(|name| name.to_str()).unwrap_or("graph"),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging).map_err(|error| save(format!("cannot create {}: {error}", staging.display())))?;
+        let config = |builder: SessionBuilder, key: &str, value: &str| {
+            builder.with_config_entry(key, value).map_err(|error| save(error.to_string()))
+        };
+        let mut builder = self.builder(model, options, Provider::Cpu, None).map_err(GraphSaveError::Session)?;
+        builder = builder.with_optimized_model_path(staging.join(GRAPH_CACHE_MODEL)).map_err(|error| save(error.to_string()))?;
+        builder = config(builder, "session.optimized_model_external_initializers_file_name", GRAPH_CACHE_WEIGHTS)?;
+        builder = config(builder, "session.optimized_model_external_initializers_min_size_in_bytes", "1024")?;
+        // The weights as the CPU kernels use them (packed for this CPU's GEMM): packing them is
+        // most of a large model's session creation, and the saved graph skips it.
+        builder = config(builder, "session.save_external_prepacked_constant_initializers", "1")?;
+        let session = commit(builder, model).map_err(GraphSaveError::Session)?;
+        let finish = || -> std::io::Result<()> {
+            for name in [GRAPH_CACHE_MODEL, GRAPH_CACHE_WEIGHTS] {
+                let path = staging.join(name);
+                if path.exists() {
+                    std::fs::File::open(&path)?.sync_all()?;
+                }
+            }
+            std::fs::rename(&staging, dir)
+        };
+        if let Err(error) = finish() {
+            let _ = std::fs::remove_dir_all(&staging);
+            // Another process may have saved the same graph first: that one is as good.
+            if !dir.join(GRAPH_CACHE_MODEL).is_file() {
+                tracing::warn!("cannot save the optimised graph into {}: {error}", dir.display());
+            }
+        }
+        Ok(session)
+    }
+
+    /// The graph cache entry of a model: optimised graphs with packed weights are specific to
+    /// the model, the ONNX Runtime version and the CPU (its packing depends on the instruction
+    /// set), so the directory name carries all three and a changed one is simply a new entry.
+    pub fn graph_cache_dir(&self, root: &Path, model_sha256: &str) -> PathBuf {
+        let version = self.version().unwrap_or_else(|| "unknown".into());
+        let hash = model_sha256.get(..16).unwrap_or(model_sha256);
+        root.join(format!("{hash}-ort{version}-{}-{}", std::env::consts::ARCH, cpu_identity()))
     }
 
     /// TensorRT engines are specific to the model, the GPU, TensorRT and ONNX Runtime: each model
@@ -292,10 +409,16 @@ impl Runtime {
     /// Runtime version, so a reboot (or another bundle) never picks up a wrong engine and an
     /// unchanged model never rebuilds one. TensorRT itself keys engines on the GPU inside it.
     pub fn tensorrt_engine_dir(&self, root: &Path, model: &Path) -> Result<PathBuf, RuntimeError> {
+        let hash = crate::bundle::sha256_file(model)
+            .map_err(|error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() })?;
+        self.tensorrt_engine_dir_of(root, &hash, model)
+    }
+
+    fn tensorrt_engine_dir_of(&self, root: &Path, hash: &str, model: &Path) -> Result<PathBuf, RuntimeError> {
         let session_error = |message: String| RuntimeError::Session { path: model.to_path_buf(), message };
-        let hash = crate::bundle::sha256_file(model).map_err(|error| session_error(error.to_string()))?;
+        let hash = hash.get(..16).unwrap_or(hash);
         let version = self.version().unwrap_or_else(|| "unknown".into());
-        let dir = root.join(format!("{}-ort{version}", &hash[..16]));
+        let dir = root.join(format!("{hash}-ort{version}"));
         std::fs::create_dir_all(&dir)
             .map_err(|error| session_error(format!("cannot create the TensorRT engine cache {}: {error}", dir.display())))?;
         Ok(dir)
@@ -352,6 +475,43 @@ impl SessionOptions {
             _ => Ok(()),
         }
     }
+}
+
+/// The saved graph's file name inside a graph cache entry.
+pub const GRAPH_CACHE_MODEL: &str = "model.onnx";
+/// The saved graph's weights (original and packed) beside it.
+pub const GRAPH_CACHE_WEIGHTS: &str = "model.onnx.data";
+
+enum GraphSaveError {
+    /// The session itself could not be created: the same error as without the cache.
+    Session(RuntimeError),
+    /// Only saving failed.
+    Save(String),
+}
+
+fn commit(mut builder: SessionBuilder, model: &Path) -> Result<Session, RuntimeError> {
+    builder
+        .commit_from_file(model)
+        .map_err(|error| RuntimeError::Session { path: model.to_path_buf(), message: error.to_string() })
+}
+
+/// A short digest of what the CPU can do (model name and feature flags), which decides how
+/// ONNX Runtime packs weights; "unknown" where /proc/cpuinfo cannot be read.
+fn cpu_identity() -> String {
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return "unknown".into() };
+    let mut identity = String::new();
+    for line in info.lines() {
+        let key = line.split(':').next().unwrap_or_default().trim();
+        if matches!(key, "model name" | "flags" | "Features" | "CPU implementer" | "CPU part" | "vendor_id") {
+            identity.push_str(line.trim());
+            identity.push('\n');
+        }
+        if line.trim().is_empty() && !identity.is_empty() {
+            break; // the first processor's block is enough
+        }
+    }
+    use sha2::Digest;
+    crate::bundle::hex(&sha2::Sha256::digest(identity.as_bytes())[..4])
 }
 
 /// GPU providers are registered with `error_on_failure`, because ONNX Runtime otherwise falls

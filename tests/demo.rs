@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use cac_edge::bundle::Bundle;
-use cac_edge::cache::{build_cache, ClassList};
+use cac_edge::cache::{build_cache, ClassList, FeaturePrecision};
 use cac_edge::calibrate::{CacParams, Calibration, ContrastDistance};
 use cac_edge::{Classifier, ClassifierOptions};
 use common::{cpu, runtime};
@@ -21,7 +21,9 @@ fn demo() -> PathBuf {
 fn demo_manifest_hashes_match_its_files() {
     let bundle = Bundle::open(&demo()).expect("onnx/demo opens");
     let names: Vec<&str> = bundle.file_names().collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    // The four exported graphs and tokenizer, and the int8 image-encoder variant (onnx/quantize.py).
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(bundle.precisions(), [cac_edge::Precision::Fp32, cac_edge::Precision::Int8]);
     bundle.verify_files(names).expect("every file matches its sha256 in bundle.toml");
 }
 
@@ -32,7 +34,7 @@ fn clearly_drawn_demo_images_get_their_labels_with_the_measured_calibration() {
     assert_eq!(classes.names.len(), 60);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("demo.safetensors");
-    build_cache(&runtime(), &bundle, &classes, &cpu(), &cache).unwrap();
+    build_cache(&runtime(), &bundle, &classes, &cpu(), &cache, FeaturePrecision::F32).unwrap();
 
     let options = ClassifierOptions { session: cpu(), ..ClassifierOptions::default() };
     let mut classifier = Classifier::open(&runtime(), &demo(), &cache, options).unwrap();

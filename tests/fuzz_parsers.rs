@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use cac_edge::bundle::{Bundle, BundleError};
-use cac_edge::cache::{write_cache, CacheContents, CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
+use cac_edge::cache::{write_cache, CacheContents, CacheError, CacheOpenOptions, ClassList, FeaturePrecision, TextFeatureCache};
 use cac_edge::calibrate::dac_factors;
 use cac_edge::preprocess::{decode_bytes, preprocess, DecodeLimits, PreprocessConfig};
 use cac_edge::tokenize::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
@@ -276,6 +276,7 @@ fn real_cache_bytes() -> &'static [u8] {
         let contents = CacheContents {
             classes: &classes,
             stacked_text: features.view(),
+            feature_precision: FeaturePrecision::F32,
             dac_factors: &factors,
             logit_scale_zs: 100.0,
             logit_scale_ft: 100.0,
@@ -609,6 +610,7 @@ fn check_class_list_round_trip(list: &ClassList) -> Result<(), TestCaseError> {
     let contents = CacheContents {
         classes: list,
         stacked_text: features.view(),
+        feature_precision: FeaturePrecision::F32,
         dac_factors: &factors,
         logit_scale_zs: 100.0,
         logit_scale_ft: 100.0,

@@ -91,7 +91,7 @@ fn cache_holds_pytorch_text_features_and_classifier_reproduces_logits() {
     let cache_path = build_test_cache(&bundle_dir(), dir.path());
     let cache = TextFeatureCache::open(&cache_path, CacheOpenOptions::default()).unwrap();
     assert_eq!(cache.class_names(), class_list().names.as_slice());
-    let stacked = cache.stacked_text_features();
+    let stacked = cache.stacked_text_features().to_f32();
     let classes = cache.num_classes();
     for (offset, key) in [(0, "text_embeds_zs"), (classes, "text_embeds_ft")] {
         let expected = reference.f32(key).into_dimensionality::<Ix2>().unwrap();

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cac_edge::cache::{write_cache, CacheContents, CacheError, ClassList};
+use cac_edge::cache::{write_cache, CacheContents, CacheError, ClassList, FeaturePrecision};
 use ndarray::Array2;
 
 /// ViT-B/32's embedding width.
@@ -66,14 +66,21 @@ pub fn synthetic_class_list(classes: usize) -> ClassList {
 }
 
 /// Writes a cache of `classes` classes at width `dim`: random normalised zero-shot and fine-tuned
-/// rows, DAC factors 1 (computing real ones is O(C²)), logit scales 100. Size ≈ 8·C·D bytes.
-pub fn write_synthetic_cache(path: &Path, classes: usize, dim: usize) -> Result<(), CacheError> {
+/// rows, DAC factors 1 (computing real ones is O(C²)), logit scales 100. Size ≈ 8·C·D bytes
+/// with f32 features, 4·C·D with f16.
+pub fn write_synthetic_cache(
+    path: &Path,
+    classes: usize,
+    dim: usize,
+    feature_precision: FeaturePrecision,
+) -> Result<(), CacheError> {
     let class_list = synthetic_class_list(classes);
     let stacked = normalised_rows(2 * classes, dim, TEXT_SEED);
     let factors = vec![1.0f32; classes];
     let contents = CacheContents {
         classes: &class_list,
         stacked_text: stacked.view(),
+        feature_precision,
         dac_factors: &factors,
         logit_scale_zs: LOGIT_SCALE,
         logit_scale_ft: LOGIT_SCALE,

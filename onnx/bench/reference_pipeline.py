@@ -118,7 +118,7 @@ def resolve_calibration(requested: dict, bundle: dict, stored_temperature: float
 
 class ReferencePipeline:
     def __init__(self, bundle_dir, cache_path, *, threads=None, calibration=None, temperature=None,
-                 threshold=None, top_k=3):
+                 threshold=None, top_k=3, precision="fp32"):
         bundle_dir = Path(bundle_dir)
         with open(bundle_dir / "bundle.toml", "rb") as handle:
             manifest = tomllib.load(handle)
@@ -133,9 +133,11 @@ class ReferencePipeline:
         if threads:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
-        encoders = [manifest["zero_shot"]["image_encoder"]]
+        # docs/FORMATS.md §1: the int8 variant of each image encoder is `image_encoder_int8`.
+        key = "image_encoder" if precision == "fp32" else f"image_encoder_{precision}"
+        encoders = [manifest["zero_shot"][key]]
         if manifest["fine_tuned"].get("image_encoder"):
-            encoders.append(manifest["fine_tuned"]["image_encoder"])
+            encoders.append(manifest["fine_tuned"][key])
         self.sessions = [ort.InferenceSession(str(bundle_dir / name), options, providers=providers) for name in encoders]
 
         with safe_open(str(cache_path), "np") as cache:
@@ -298,7 +300,8 @@ def expand_inputs(inputs):
 
 def classify(args):
     pipeline = ReferencePipeline(args.bundle, args.cache, threads=args.threads, calibration=args.calibration,
-                                 temperature=args.temperature, threshold=args.threshold, top_k=args.top_k)
+                                 temperature=args.temperature, threshold=args.threshold, top_k=args.top_k,
+                                 precision=args.precision)
     paths = expand_inputs(args.inputs)
     out = sys.stdout
     for start in range(0, len(paths), args.batch_size):
@@ -474,6 +477,7 @@ def main():
     classify_parser.add_argument("--temperature", type=float)
     classify_parser.add_argument("--threshold", type=float)
     classify_parser.add_argument("--batch-size", type=int, default=8)
+    classify_parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     bench_parser = sub.choices["bench"]
     bench_parser.add_argument("--batch-sizes", default="1,32")
     bench_parser.add_argument("--rounds", type=int, default=5)

@@ -17,6 +17,7 @@ use toml::Spanned;
 use super::sources::{RtspDecoder, SourceOptions, SourceSpec};
 use crate::calibrate::{CalibrationMethod, CalibrationSettings, ContrastDistance};
 use crate::drift::DriftSettings;
+use crate::preprocess::DecodeMode;
 use crate::runtime::{Device, SessionOptions, MAX_INTRA_THREADS};
 use crate::{ClassifierOptions, DecodeLimits};
 
@@ -221,6 +222,9 @@ struct RawModel {
     gpu: Option<Spanned<i64>>,
     tensorrt_fp16: Option<bool>,
     tensorrt_cache: Option<Spanned<String>>,
+    graph_cache: Option<Spanned<String>>,
+    precision: Option<Spanned<String>>,
+    strict: Option<bool>,
     threshold: Option<Spanned<f64>>,
     calibration: Option<Spanned<String>>,
     cac_alpha: Option<Spanned<f64>>,
@@ -232,6 +236,7 @@ struct RawModel {
     top_k: Option<Spanned<i64>>,
     batch_size: Option<Spanned<i64>>,
     max_image_side: Option<Spanned<i64>>,
+    decode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -375,6 +380,11 @@ impl Checker<'_> {
                 .map_err(|why| self.error(Some(threshold.span()), "model.threshold", why))?;
             options.threshold = Some(*threshold.get_ref());
         }
+        options.strict = raw.strict.unwrap_or(false);
+        if let Some(precision) = &raw.precision {
+            options.precision =
+                precision.get_ref().parse().map_err(|why: String| self.error(Some(precision.span()), "model.precision", why))?;
+        }
         if let Some(top_k) = &raw.top_k {
             options.top_k = self.integer(top_k, "model.top_k", 1, 1000)? as usize;
         }
@@ -387,6 +397,14 @@ impl Checker<'_> {
             let side = self.integer(side, "model.max_image_side", 1, i64::from(u32::MAX))? as u32;
             options.decode_limits = DecodeLimits { max_width: side, max_height: side, ..DecodeLimits::default() };
         }
+        // Frames are large and arrive continuously here: the reduced-scale JPEG decode unless
+        // the file asks for open_clip's exact pixels.
+        options.decode = match &raw.decode {
+            Some(mode) => {
+                mode.get_ref().parse::<DecodeMode>().map_err(|why| self.error(Some(mode.span()), "model.decode", why))?
+            }
+            None => DecodeMode::Scaled,
+        };
         Ok(ModelConfig { bundle: resolve(base, bundle.get_ref()), cache: resolve(base, cache.get_ref()), options })
     }
 
@@ -406,6 +424,7 @@ impl Checker<'_> {
         }
         session.tensorrt_fp16 = raw.tensorrt_fp16.unwrap_or(false);
         session.tensorrt_engine_cache = raw.tensorrt_cache.as_ref().map(|dir| PathBuf::from(dir.get_ref()));
+        session.graph_cache = raw.graph_cache.as_ref().map(|dir| PathBuf::from(dir.get_ref()));
         Ok(session)
     }
 
@@ -848,6 +867,9 @@ mod tests {
         assert_eq!(config.model.cache, Path::new("/etc/cac-edge/c.safetensors"));
         assert_eq!(config.service.http, Some("127.0.0.1:8089".parse().expect("address")));
         assert_eq!(config.service.json_lines, JsonLinesTarget::Stdout);
+        assert_eq!(config.model.options.decode, DecodeMode::Scaled, "serve decodes large frames at a reduced scale");
+        let exact = parse_text(&MINIMAL.replace("[model]", "[model]\ndecode = \"exact\"")).expect("valid");
+        assert_eq!(exact.model.options.decode, DecodeMode::Exact);
         let camera = &config.cameras[0];
         assert_eq!(camera.source, SourceSpec::Folder("/etc/cac-edge/in".into()));
         assert_eq!((camera.fps, camera.debounce, camera.enabled), (2.0, 3, true));
@@ -875,6 +897,7 @@ mod tests {
             (format!("{MINIMAL}[[camera]]\nname = \"door\"\nsource = \"stdin:\"\n"), 9, Some("camera[1].name")),
             (MINIMAL.replace("[model]", "[model]\nthreshold = 1.5"), 2, Some("model.threshold")),
             (MINIMAL.replace("[model]", "[model]\ndevice = \"tpu\""), 2, Some("model.device")),
+            (MINIMAL.replace("[model]", "[model]\ndecode = \"fast\""), 2, Some("model.decode")),
             (format!("{MINIMAL}[service]\nhttp = \"localhost\"\n"), 9, Some("service.http")),
             (MINIMAL.replace("cache = ", "# cache = "), 1, Some("model.cache")),
             (MINIMAL.replace("bundle = \"b\"", "bundle = b"), 2, None),

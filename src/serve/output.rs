@@ -30,6 +30,8 @@ pub struct FrameRecord<'a> {
     pub threshold: f64,
     /// The execution provider that ran the encoders.
     pub device: &'a str,
+    /// The image encoders' precision: "fp32" or "int8".
+    pub precision: &'a str,
     /// The camera's published (debounced) state after this frame.
     pub state: Option<&'a str>,
     /// Whether this frame changed it.

@@ -38,7 +38,7 @@ use super::state::Debouncer;
 use super::systemd::Notifier;
 use crate::calibrate::Calibration;
 use crate::drift::{Distribution, DriftBaseline, DriftMonitor, BASELINE_KEY};
-use crate::preprocess::{decode_bytes, preprocess_into, PreprocessConfig};
+use crate::preprocess::{decode_bytes_with, preprocess_scaled_into, DecodeMode, Geometry, PreprocessConfig};
 use crate::{Classifier, Decision, DecodeLimits, Prediction};
 
 /// The longest either stage sleeps without looking around (stop, reload, watchdog).
@@ -65,7 +65,8 @@ struct Taken {
 /// A batch ready for the encoder: the frames whose pixels are rows of `pixels`, in order, and
 /// those that could not be decoded.
 struct PreparedBatch {
-    frames: Vec<(Taken, Arc<RgbImage>)>,
+    /// Each frame with its pixels and the geometry they were decoded at (for a re-preprocess).
+    frames: Vec<(Taken, Arc<RgbImage>, Geometry)>,
     pixels: Option<Array4<f32>>,
     /// The preprocessing the tensor was made with (a reload may change the bundle meanwhile).
     image_size: u32,
@@ -84,12 +85,13 @@ pub(crate) fn start(
     let pace = Arc::new(Pace::default());
     let preprocess = classifier.preprocess_config().clone();
     let limits = *classifier.decode_limits();
+    let decode = classifier.decode_mode();
     let batch_size = classifier.batch_size();
     let collector = {
         let shared = Arc::clone(&shared);
         let pace = Arc::clone(&pace);
         std::thread::Builder::new().name("collector".to_string()).spawn(move || {
-            Collector { shared, pace, next_due: HashMap::new(), batch_size, limits, preprocess }.run(&batches_tx)
+            Collector { shared, pace, next_due: HashMap::new(), batch_size, limits, decode, preprocess }.run(&batches_tx)
         })?
     };
     let encoder = std::thread::Builder::new().name("encoder".to_string()).spawn(move || {
@@ -116,6 +118,8 @@ struct Collector {
     next_due: HashMap<usize, Instant>,
     batch_size: usize,
     limits: DecodeLimits,
+    /// Exact or reduced-scale JPEG decoding (the serve config's `model.decode`).
+    decode: DecodeMode,
     preprocess: PreprocessConfig,
 }
 
@@ -194,12 +198,12 @@ impl Collector {
 
     /// Decodes (in parallel when several) and preprocesses the frames into one tensor.
     fn prepare(&self, taken: Vec<Taken>) -> PreparedBatch {
-        let decoded = decode_all(&taken, &self.limits);
+        let decoded = decode_all(&taken, &self.limits, self.decode, self.preprocess.image_size);
         let mut frames = Vec::with_capacity(taken.len());
         let mut failed = Vec::new();
         for (item, image) in taken.into_iter().zip(decoded) {
             match image {
-                Ok(image) => frames.push((item, image)),
+                Ok((image, geometry)) => frames.push((item, image, geometry)),
                 Err(error) => failed.push((item, error)),
             }
         }
@@ -207,11 +211,11 @@ impl Collector {
         let mut pixels = Array4::<f32>::zeros((frames.len(), 3, side, side));
         let mut kept = Vec::with_capacity(frames.len());
         let mut rows = 0;
-        for (item, image) in frames {
+        for (item, image, geometry) in frames {
             let mut row = pixels.index_axis_mut(ndarray::Axis(0), rows);
-            match preprocess_into(&image, &self.preprocess, row.as_slice_mut().unwrap_or_default()) {
+            match preprocess_scaled_into(&image, geometry, &self.preprocess, row.as_slice_mut().unwrap_or_default()) {
                 Ok(()) => {
-                    kept.push((item, image));
+                    kept.push((item, image, geometry));
                     rows += 1;
                 }
                 Err(error) => failed.push((item, error.to_string())),
@@ -241,13 +245,18 @@ fn all_sources_ended(cameras: &[Arc<Camera>]) -> bool {
     !cameras.is_empty() && cameras.iter().all(done) && cameras.iter().any(|camera| camera.phase() == Phase::Ended)
 }
 
-/// Decodes the frames, in parallel when there are several (a 1080p JPEG costs about as much as
-/// a small encoder run).
-fn decode_all(taken: &[Taken], limits: &DecodeLimits) -> Vec<Result<Arc<RgbImage>, String>> {
-    let decode = |item: &Taken| -> Result<Arc<RgbImage>, String> {
+type DecodedFrame = Result<(Arc<RgbImage>, Geometry), String>;
+
+/// Decodes the frames (JPEGs at a reduced scale in `DecodeMode::Scaled`, for an encoder of side
+/// `side`), in parallel when there are several (a 1080p JPEG costs about as much as a small
+/// encoder run).
+fn decode_all(taken: &[Taken], limits: &DecodeLimits, mode: DecodeMode, side: u32) -> Vec<DecodedFrame> {
+    let decode = |item: &Taken| -> DecodedFrame {
         match &item.frame.payload {
-            FramePayload::Encoded(bytes) => decode_bytes(bytes, limits).map(Arc::new).map_err(|error| error.to_string()),
-            FramePayload::Rgb(image) => Ok(Arc::clone(image)),
+            FramePayload::Encoded(bytes) => decode_bytes_with(bytes, limits, mode, side)
+                .map(|decoded| (Arc::new(decoded.rgb), decoded.geometry))
+                .map_err(|error| error.to_string()),
+            FramePayload::Rgb(image) => Ok((Arc::clone(image), Geometry::full(image))),
         }
     };
     if taken.len() == 1 {
@@ -402,7 +411,7 @@ impl Encoder {
             match self.repreprocess(&batch.frames) {
                 Ok(pixels) => pixels,
                 Err(error) => {
-                    for (item, _) in &batch.frames {
+                    for (item, _, _) in &batch.frames {
                         self.fail(item, &error);
                     }
                     return;
@@ -414,21 +423,21 @@ impl Encoder {
         self.shared.inference_seconds.observe(started.elapsed().as_secs_f64());
         match predictions {
             Ok(predictions) => {
-                for ((item, _), prediction) in batch.frames.iter().zip(&predictions) {
+                for ((item, _, _), prediction) in batch.frames.iter().zip(&predictions) {
                     self.publish(item, prediction);
                 }
             }
             Err(error) => {
                 let error = error.to_string();
-                for (item, _) in &batch.frames {
+                for (item, _, _) in &batch.frames {
                     self.fail(item, &error);
                 }
             }
         }
     }
 
-    fn repreprocess(&self, frames: &[(Taken, Arc<RgbImage>)]) -> Result<Array4<f32>, String> {
-        let images = frames.iter().map(|(_, image)| image.as_ref());
+    fn repreprocess(&self, frames: &[(Taken, Arc<RgbImage>, Geometry)]) -> Result<Array4<f32>, String> {
+        let images = frames.iter().map(|(_, image, geometry)| (image.as_ref(), *geometry));
         crate::pipeline::preprocess_frames(images, self.classifier.preprocess_config(), 0).map_err(|error| error.to_string())
     }
 
@@ -458,6 +467,7 @@ impl Encoder {
             prediction,
             threshold: self.classifier.threshold().value,
             device: self.classifier.device().provider.name(),
+            precision: self.classifier.precision().name(),
             state: update.state.as_deref(),
             state_changed: update.changed,
             drift: self.drift.observe(item, prediction, &cameras),

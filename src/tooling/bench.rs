@@ -16,7 +16,7 @@
 //!   `classify_files` call over the whole image list, whose second thread decodes the next batch
 //!   while the encoder runs (one sample per round: pass time ÷ images).
 //! * `breakdown`: the non-encoder stages in isolation with the library functions the pipeline
-//!   calls: `decode` ([`decode_file`]), `preprocess` (the pipeline's own batch preprocessing: a zeroed tensor filled by
+//!   calls: `decode` ([`decode_file_with`], in the mode asked), `preprocess` (the pipeline's own batch preprocessing: a zeroed tensor filled by
 //!   [`crate::preprocess::preprocess_into`]), `logits` ([`Classifier::logits_of_embeddings`] on the batch's
 //!   embeddings) and `calibrate.<method>` (per image: [`Classifier::predict`], what the pipeline
 //!   does to turn a logit row into a [`crate::Prediction`]: calibrate, top k, decide).
@@ -37,14 +37,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use image::RgbImage;
 use ndarray::Array4;
 use serde::Serialize;
 
-use crate::calibrate::{Calibration, CalibrationSettings};
+use crate::bundle::Precision;
+use crate::calibrate::{Calibration, CalibrationMethod, CalibrationSettings};
 use crate::logits::BatchLogits;
 use crate::pipeline::{preprocess_frames, row_slice, Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
-use crate::preprocess::{decode_file, DecodeLimits, PreprocessConfig};
+use crate::preprocess::{decode_file_with, DecodeLimits, DecodeMode, Decoded, PreprocessConfig, PreprocessError};
 use crate::runtime::Runtime;
 
 /// TS temperature used when the cache holds none (timing only: the value changes no work).
@@ -156,6 +156,10 @@ pub struct BundleInfo {
     pub embed_dim: usize,
     /// The bundle has its own fine-tuned image encoder (two encoder runs per batch).
     pub fine_tuned_image_encoder: bool,
+    /// The precision of the image encoders every pipeline variant ran.
+    pub precision: Precision,
+    /// The bundle's other precisions, whose encoders were timed beside (a) in the same rounds.
+    pub other_precisions: Vec<Precision>,
 }
 
 /// The text-feature cache a benchmark used.
@@ -202,6 +206,21 @@ pub struct BenchSettings {
     pub warmup_rounds: usize,
     /// Intra-op threads; `None`: ONNX Runtime's default.
     pub threads: Option<usize>,
+    /// How JPEGs were decoded (`exact` or `scaled`), in every variant that decodes.
+    pub decode: DecodeMode,
+}
+
+/// How the benchmark decodes files: as the classifiers do.
+struct ImageDecoding {
+    limits: DecodeLimits,
+    mode: DecodeMode,
+    side: u32,
+}
+
+impl ImageDecoding {
+    fn decode(&self, path: &Path) -> Result<Decoded, PreprocessError> {
+        decode_file_with(path, &self.limits, self.mode, self.side)
+    }
 }
 
 /// Statistics of one variant's per-image latencies, in seconds.
@@ -272,10 +291,12 @@ pub struct Breakdown {
 }
 
 /// Ratios of medians from the same run.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Ratios {
     /// (b) / (a): full pipeline without calibration over the bare encoder.
     pub pipeline_over_encoder: f64,
+    /// Per other precision: (a) / its encoder time, the speed-up over the precision that ran.
+    pub encoder_speedup: BTreeMap<String, f64>,
     /// (c) / (b): CAC's overhead on the full pipeline.
     pub cac_over_none: f64,
     /// 1 + (calibrate.cac − calibrate.none) / (b): the same overhead from the isolated
@@ -296,6 +317,8 @@ pub struct BatchResult {
     pub batches_per_round: usize,
     /// (a)
     pub encoder: Timing,
+    /// (a) with the bundle's other image-encoder precisions, same tensors, same rounds.
+    pub encoder_by_precision: BTreeMap<String, Timing>,
     /// (b) none, (c) cac, (d) dac and ts.
     pub pipeline: PipelineTimings,
     /// Throughput of `classify` over many files: none and cac.
@@ -318,6 +341,8 @@ pub struct BatchResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Encoder,
+    /// The encoder of another precision (index into the extra classifiers).
+    OtherEncoder(usize),
     Pipeline(usize),
     /// One `classify_files` call over the whole pass (index into [`STREAMED`]).
     Stream(usize),
@@ -332,6 +357,7 @@ impl Variant {
     fn name(self) -> String {
         match self {
             Variant::Encoder => "encoder".into(),
+            Variant::OtherEncoder(other) => format!("encoder.{other}"),
             Variant::Pipeline(method) => format!("pipeline.{}", CALIBRATIONS[method]),
             Variant::Stream(streamed) => format!("stream.{}", CALIBRATIONS[STREAMED[streamed]]),
             Variant::Decode => "decode".into(),
@@ -342,8 +368,9 @@ impl Variant {
     }
 }
 
-fn variants() -> Vec<Variant> {
+fn variants(other_precisions: usize) -> Vec<Variant> {
     let mut all = vec![Variant::Encoder];
+    all.extend((0..other_precisions).map(Variant::OtherEncoder));
     all.extend((0..CALIBRATIONS.len()).map(Variant::Pipeline));
     all.extend((0..STREAMED.len()).map(Variant::Stream));
     all.extend([Variant::Decode, Variant::Preprocess, Variant::Logits]);
@@ -425,15 +452,29 @@ pub fn run_bench(
         classifiers.push(classifier);
     }
 
+    // The bundle's other precisions: their encoders are timed on the same tensors in the same
+    // rounds, so the speed-up is a ratio from one run.
+    let mut others = Vec::new();
+    for precision in classifiers[0].bundle().precisions() {
+        if precision != options.classifier.precision {
+            let mut other_options = options.classifier.clone();
+            other_options.precision = precision;
+            other_options.verify_bundle_files = false;
+            other_options.cache.verify_checksum = false;
+            other_options.calibration = CalibrationSettings::method(CalibrationMethod::None);
+            others.push(Classifier::open(runtime, bundle_dir, cache_path, other_options)?);
+        }
+    }
     let config = classifiers[0].bundle().preprocess_config();
-    let limits = options.classifier.decode_limits;
+    let decoding =
+        ImageDecoding { limits: options.classifier.decode_limits, mode: options.classifier.decode, side: config.image_size };
 
     // Decode every image once (failures are left out and listed).
     let mut used_paths = Vec::new();
     let mut frames = Vec::new();
     let mut skipped = Vec::new();
     for path in images {
-        match decode_file(path, &limits) {
+        match decoding.decode(path) {
             Ok(frame) => {
                 used_paths.push(path.clone());
                 frames.push(frame);
@@ -444,10 +485,16 @@ pub fn run_bench(
     if frames.is_empty() {
         return Err(BenchError::Setup(format!("none of the {} images could be decoded", images.len())));
     }
-    let mean_pixels =
-        frames.iter().map(|frame| f64::from(frame.width()) * f64::from(frame.height())).sum::<f64>() / frames.len() as f64;
+    let mean_pixels = frames
+        .iter()
+        .map(|frame| {
+            let (width, height) = frame.geometry.full_size;
+            f64::from(width) * f64::from(height)
+        })
+        .sum::<f64>()
+        / frames.len() as f64;
 
-    let all_variants = variants();
+    let all_variants = variants(others.len());
     let mut prepared = Vec::new();
     for &batch_size in &options.batch_sizes {
         prepared.push(prepare(&mut classifiers[0], &frames, &used_paths, &config, batch_size, all_variants.len())?);
@@ -466,7 +513,8 @@ pub fn run_bench(
         for set in prepared.iter_mut() {
             for offset in 0..all_variants.len() {
                 let index = (round + offset) % all_variants.len();
-                let latencies = run_variant(all_variants[index], set, &mut classifiers, &frames, &config, &limits)?;
+                let latencies =
+                    run_variant(all_variants[index], set, &mut classifiers, &mut others, &frames, &config, &decoding)?;
                 if measured {
                     set.samples[index].extend(latencies);
                 }
@@ -474,7 +522,9 @@ pub fn run_bench(
         }
     }
 
-    let results = prepared.iter().map(|set| summarize_batch(set, &all_variants, options.keep_samples)).collect();
+    let other_precisions: Vec<Precision> = others.iter().map(Classifier::precision).collect();
+    let results =
+        prepared.iter().map(|set| summarize_batch(set, &all_variants, &other_precisions, options.keep_samples)).collect();
     let cache = classifiers[0].cache();
     let bundle = classifiers[0].bundle();
     let device = classifiers[0].device().clone();
@@ -497,6 +547,8 @@ pub fn run_bench(
             image_size: config.image_size,
             embed_dim: bundle.embed_dim(),
             fine_tuned_image_encoder: bundle.image_ft_path().is_some(),
+            precision: options.classifier.precision,
+            other_precisions,
         },
         cache: CacheInfo {
             path: cache.path().display().to_string(),
@@ -509,6 +561,7 @@ pub fn run_bench(
             rounds: options.rounds,
             warmup_rounds: options.warmup_rounds,
             threads: options.classifier.session.intra_threads,
+            decode: options.classifier.decode,
         },
         calibrations: classifiers.iter().map(|classifier| *classifier.calibration()).collect(),
         ts_temperature_source,
@@ -520,7 +573,7 @@ pub fn run_bench(
 /// embeddings and logits once.
 fn prepare(
     classifier: &mut Classifier,
-    frames: &[RgbImage],
+    frames: &[Decoded],
     paths: &[PathBuf],
     config: &PreprocessConfig,
     batch_size: usize,
@@ -549,8 +602,8 @@ fn prepare(
 }
 
 /// What `classify_files` does to a batch of decoded frames (the pipeline's own function).
-fn preprocess_batch(frames: &[RgbImage], batch: &[usize], config: &PreprocessConfig) -> Result<Array4<f32>, BenchError> {
-    Ok(preprocess_frames(batch.iter().map(|&index| &frames[index]), config, 0)?)
+fn preprocess_batch(frames: &[Decoded], batch: &[usize], config: &PreprocessConfig) -> Result<Array4<f32>, BenchError> {
+    Ok(preprocess_frames(batch.iter().map(|&index| (&frames[index].rgb, frames[index].geometry)), config, 0)?)
 }
 
 /// Runs one variant over every batch of `set`; returns per-image latencies in seconds (batch time ÷
@@ -559,9 +612,10 @@ fn run_variant(
     variant: Variant,
     set: &Prepared,
     classifiers: &mut [Classifier],
-    frames: &[RgbImage],
+    others: &mut [Classifier],
+    frames: &[Decoded],
     config: &PreprocessConfig,
-    limits: &DecodeLimits,
+    decoding: &ImageDecoding,
 ) -> Result<Vec<f64>, BenchError> {
     if let Variant::Stream(streamed) = variant {
         let method = STREAMED[streamed];
@@ -577,12 +631,15 @@ fn run_variant(
             Variant::Encoder => {
                 black_box(classifiers[0].encode_pixels(set.pixels[batch].view())?);
             }
+            Variant::OtherEncoder(other) => {
+                black_box(others[other].encode_pixels(set.pixels[batch].view())?);
+            }
             Variant::Pipeline(method) => classify(&mut classifiers[method], &set.paths[batch])?,
             Variant::Stream(_) => {}
             Variant::Decode => {
                 for path in &set.paths[batch] {
                     let frame =
-                        decode_file(path, limits).map_err(|error| BenchError::Setup(format!("{}: {error}", path.display())))?;
+                        decoding.decode(path).map_err(|error| BenchError::Setup(format!("{}: {error}", path.display())))?;
                     black_box(frame);
                 }
             }
@@ -628,7 +685,7 @@ fn classify(classifier: &mut Classifier, paths: &[PathBuf]) -> Result<(), BenchE
     }
 }
 
-fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool) -> BatchResult {
+fn summarize_batch(set: &Prepared, all_variants: &[Variant], other_precisions: &[Precision], keep_samples: bool) -> BatchResult {
     let timing = |variant: Variant| {
         let index = all_variants.iter().position(|candidate| *candidate == variant).unwrap_or(0);
         summarize(&set.samples[index])
@@ -638,6 +695,13 @@ fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool)
     let stream = StreamTimings { none: timing(Variant::Stream(0)), cac: timing(Variant::Stream(1)) };
     let [cal_none, cal_cac, cal_dac, cal_ts] = per_method(Variant::Calibrate);
     let encoder = timing(Variant::Encoder);
+    let encoder_by_precision: BTreeMap<String, Timing> = other_precisions
+        .iter()
+        .enumerate()
+        .map(|(other, precision)| (precision.name().to_string(), timing(Variant::OtherEncoder(other))))
+        .collect();
+    let encoder_speedup =
+        encoder_by_precision.iter().map(|(name, timing)| (name.clone(), encoder.median_s / timing.median_s)).collect();
     let breakdown = Breakdown {
         decode: timing(Variant::Decode),
         preprocess: timing(Variant::Preprocess),
@@ -648,6 +712,7 @@ fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool)
         batch_size: set.batch_size,
         batches_per_round: set.batches.len(),
         encoder,
+        encoder_by_precision,
         non_encoder_per_image_s: breakdown.decode.median_s
             + breakdown.preprocess.median_s
             + breakdown.logits.median_s
@@ -655,6 +720,7 @@ fn summarize_batch(set: &Prepared, all_variants: &[Variant], keep_samples: bool)
         pipeline_minus_encoder_s: cac.median_s - encoder.median_s,
         ratios: Ratios {
             pipeline_over_encoder: none.median_s / encoder.median_s,
+            encoder_speedup,
             cac_over_none: cac.median_s / none.median_s,
             cac_over_none_from_stages: 1.0
                 + (breakdown.calibrate.cac.median_s - breakdown.calibrate.none.median_s) / none.median_s,
@@ -714,8 +780,8 @@ mod tests {
 
     #[test]
     fn every_variant_appears_once() {
-        let all = variants();
-        assert_eq!(all.len(), 4 + 2 * CALIBRATIONS.len() + STREAMED.len());
+        let all = variants(1);
+        assert_eq!(all.len(), 5 + 2 * CALIBRATIONS.len() + STREAMED.len());
         for (index, variant) in all.iter().enumerate() {
             assert!(!all[index + 1..].contains(variant));
             assert!(all[index + 1..].iter().all(|other| other.name() != variant.name()));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::bundle::Precision;
 use crate::tooling::eval::{CacFit, CalibratorReport, Split, TemperatureFit, ThresholdTarget};
 use crate::tooling::plots::{self, ReliabilityPanel};
 
@@ -95,6 +96,71 @@ pub struct EvalReport {
     pub written: Vec<String>,
     /// Every calibrator's numbers.
     pub calibrators: Vec<CalibratorReport>,
+    /// The image encoders' precision the numbers are for.
+    pub precision: Precision,
+    /// For a precision other than fp32: the same calibrators on the fp32 encoders, side by side.
+    pub precision_comparison: Option<PrecisionComparison>,
+}
+
+/// A quantised path against the fp32 one, on the same images and calibrators.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrecisionComparison {
+    /// The precision evaluated (int8).
+    pub precision: Precision,
+    /// Images both paths encoded.
+    pub images: usize,
+    /// Of those, the share whose predicted class is the same on both paths, in percent.
+    pub label_agreement_percent: f64,
+    /// Per calibrator and split: accuracy and ECE on both paths.
+    pub rows: Vec<PrecisionRow>,
+}
+
+/// One calibrator on one split, on the fp32 path and the other.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrecisionRow {
+    /// The calibrator's name.
+    pub calibrator: String,
+    /// The split.
+    pub split: Split,
+    /// Accuracy on fp32, in percent.
+    pub fp32_accuracy_percent: f64,
+    /// Accuracy on the other precision, in percent.
+    pub accuracy_percent: f64,
+    /// ECE on fp32, in percent.
+    pub fp32_ece_percent: f64,
+    /// ECE on the other precision, in percent.
+    pub ece_percent: f64,
+}
+
+impl PrecisionComparison {
+    /// Pairs the rows of the two runs' reports by calibrator name and split.
+    pub fn of(
+        precision: Precision,
+        images: usize,
+        label_agreement_percent: f64,
+        reports: &[CalibratorReport],
+        fp32_reports: &[CalibratorReport],
+    ) -> PrecisionComparison {
+        let mut rows = Vec::new();
+        for report in reports {
+            let Some(reference) = fp32_reports.iter().find(|other| other.calibrator.name == report.calibrator.name) else {
+                continue;
+            };
+            for split in &report.splits {
+                if let Some(fp32) = reference.split(split.split) {
+                    rows.push(PrecisionRow {
+                        calibrator: report.calibrator.name.clone(),
+                        split: split.split,
+                        fp32_accuracy_percent: fp32.accuracy_percent,
+                        accuracy_percent: split.accuracy_percent,
+                        fp32_ece_percent: fp32.ece_percent,
+                        ece_percent: split.ece_percent,
+                    });
+                }
+            }
+        }
+        PrecisionComparison { precision, images, label_agreement_percent, rows }
+    }
 }
 
 /// Writes every file of the report into `dir` (created if needed); returns their paths.
@@ -190,6 +256,7 @@ fn markdown_page(report: &EvalReport) -> String {
     let _ =
         writeln!(page, "- thresholds: the smallest reaching {} (accept when confidence ≥ threshold)", target_text(report.target));
     let _ = writeln!(page, "- the calibration `classify` uses with these options: **{}**", report.default_calibrator);
+    let _ = writeln!(page, "- image encoders: {}", report.precision);
     if let Some(fit) = &report.fit {
         let _ = writeln!(
             page,
@@ -228,6 +295,7 @@ fn markdown_page(report: &EvalReport) -> String {
         split_table(&mut page, report, split);
     }
     harmonic_means(&mut page, report);
+    precision_table(&mut page, report);
     let _ = writeln!(page, "## Reliability diagrams\n");
     let _ = writeln!(page, "Bars: accuracy per confidence bin (bin counts above them); shaded: the gap to the bin's mean confidence; a calibrated model sits on the diagonal.\n");
     let _ = writeln!(page, "![reliability diagrams](reliability.png)\n");
@@ -276,6 +344,37 @@ fn split_table(page: &mut String, report: &EvalReport, split: Split) {
             numbers.brier,
             numbers.aurc_percent,
             threshold
+        );
+    }
+    page.push('\n');
+}
+
+fn precision_table(page: &mut String, report: &EvalReport) {
+    let Some(comparison) = &report.precision_comparison else { return };
+    let name = comparison.precision;
+    let _ = writeln!(page, "## {name} against fp32 image encoders\n");
+    let _ = writeln!(
+        page,
+        "Same images, same calibrators, the encoders' precision the only change. {} images encoded by both; \
+         predicted class the same on {:.2} %.\n",
+        comparison.images, comparison.label_agreement_percent
+    );
+    let _ = writeln!(
+        page,
+        "| calibrator | split | accuracy % fp32 | accuracy % {name} | ECE % fp32 | ECE % {name} | ΔECE (points) |"
+    );
+    let _ = writeln!(page, "|---|---|---|---|---|---|---|");
+    for row in &comparison.rows {
+        let _ = writeln!(
+            page,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:+.2} |",
+            row.calibrator,
+            row.split.name(),
+            row.fp32_accuracy_percent,
+            row.accuracy_percent,
+            row.fp32_ece_percent,
+            row.ece_percent,
+            row.ece_percent - row.fp32_ece_percent
         );
     }
     page.push('\n');

@@ -11,18 +11,20 @@ use std::sync::Arc;
 
 use ndarray::{Array2, Axis};
 
-use crate::cache::{update_cache_metadata, CacheError, TEMPERATURE_KEY};
+use crate::bundle::Precision;
+use crate::cache::{update_cache_metadata, CacheError, EVAL_METADATA_KEYS, TEMPERATURE_KEY};
 use crate::calibrate::{
-    logit_contrast, probability_contrast, softmax, CacParams, Calibration, CalibrationMethod, CalibrationSettings,
+    argmax, logit_contrast, probability_contrast, softmax, CacParams, Calibration, CalibrationMethod, CalibrationSettings,
     ContrastDistance,
 };
+use crate::calibration_path::{CalibrationPath, CALIBRATION_PATH_KEY};
 use crate::drift::{Distribution, DriftBaseline, BASELINE_KEY, MIN_BASELINE_IMAGES};
-use crate::pipeline::{Classifier, ClassifierOptions, PipelineError};
+use crate::pipeline::{row_slice, Classifier, ClassifierOptions, PipelineError};
 use crate::runtime::Runtime;
 use crate::threshold::{calibration_key, stored_threshold_entries};
 use crate::tooling::dataset::{DatasetError, LabeledSet};
 use crate::tooling::eval::{self, CacFit, Calibrator, EvalData, EvalError, Split, TemperatureFit, ThresholdTarget};
-use crate::tooling::eval_report::{self, EvalReport, FailedImage, FitSummary, ImageSetSummary, ReportError};
+use crate::tooling::eval_report::{self, EvalReport, FailedImage, FitSummary, ImageSetSummary, PrecisionComparison, ReportError};
 use crate::tooling::features::{self, StoredFeatures};
 
 /// What to evaluate, and what to write.
@@ -178,6 +180,11 @@ pub fn run_eval(
         dac_factors: classifier.cache().dac_factors(),
     };
     let reports = eval::evaluate(&data, &calibrators, request.bins, request.target)?;
+    let precision = classifier.precision();
+    let precision_comparison = match precision {
+        Precision::Fp32 => None,
+        _ => Some(compare_with_fp32(runtime, request, &evaluated, &calibrators, &class_is_base, &reports, &mut progress)?),
+    };
     let default_name = calibrators.iter().find(|c| c.calibration == default).map(|c| c.name.clone()).unwrap_or_default();
     let mut written = Vec::new();
     let mut cache_updates: Vec<(&str, Option<String>)> = Vec::new();
@@ -249,8 +256,29 @@ pub fn run_eval(
         notes,
         written: written.clone(),
         calibrators: reports,
+        precision,
+        precision_comparison,
     };
     let files = eval_report::write(request.out, &report)?;
+    // What was fitted belongs to the path it was measured on; classify and serve compare it with
+    // theirs (crate::calibration_path).
+    if !cache_updates.is_empty() {
+        let path = classifier.calibration_path();
+        let metadata = classifier.cache().metadata();
+        let stored_path = CalibrationPath::stored(metadata.get(CALIBRATION_PATH_KEY), classifier.bundle());
+        if stored_path != path {
+            // Values fitted earlier on another path and not refitted now would be recorded as
+            // fitted on this one: they are removed instead, and said so.
+            let refitted: Vec<&str> = cache_updates.iter().map(|(key, _)| *key).collect();
+            for key in EVAL_METADATA_KEYS.into_iter().filter(|key| *key != CALIBRATION_PATH_KEY) {
+                if metadata.contains_key(key) && !refitted.contains(&key) {
+                    cache_updates.push((key, None));
+                    written.push(format!("removed {key}: it was fitted on another inference path"));
+                }
+            }
+        }
+        cache_updates.push((CALIBRATION_PATH_KEY, path.map(|path| path.to_json())));
+    }
     // The cache is rewritten last, and atomically, so a failed report changes nothing.
     if !cache_updates.is_empty() {
         update_cache_metadata(request.cache, &cache_updates)?;
@@ -260,6 +288,49 @@ pub fn run_eval(
     }
     let failed_images = report.images.failures.len() + fitting.map_or(0, |fitting| fitting.features.failures.len());
     Ok(EvalOutcome { report, files, unreachable_threshold, failed_images })
+}
+
+/// The same images and calibrators through the fp32 image encoders, beside a quantised run.
+fn compare_with_fp32(
+    runtime: &Arc<Runtime>,
+    request: &EvalRequest<'_>,
+    evaluated: &EncodedSet,
+    calibrators: &[Calibrator],
+    class_is_base: &[bool],
+    reports: &[eval::CalibratorReport],
+    progress: &mut impl FnMut(Progress<'_>),
+) -> Result<PrecisionComparison, EvalRunError> {
+    let options = ClassifierOptions {
+        calibration: CalibrationSettings::method(CalibrationMethod::None),
+        precision: Precision::Fp32,
+        strict: false,
+        ..request.classifier.clone()
+    };
+    let mut reference = Classifier::open(runtime, request.bundle, request.cache, options)?;
+    let fp32 = encode_set(&mut reference, request.cache, request.images, progress)?;
+    let data = EvalData {
+        zero_shot: fp32.zero_shot.view(),
+        fine_tuned: fp32.fine_tuned.view(),
+        labels: &fp32.labels,
+        class_is_base,
+        dac_factors: reference.cache().dac_factors(),
+    };
+    let fp32_reports = eval::evaluate(&data, calibrators, request.bins, request.target)?;
+    // Label agreement on the images both paths encoded (a failure is the same file either way,
+    // but the rows are matched by image index to be sure).
+    let fp32_rows: std::collections::HashMap<usize, usize> =
+        fp32.features.encoded.iter().enumerate().map(|(row, &image)| (image, row)).collect();
+    let mut both = 0;
+    let mut agree = 0;
+    for (row, image) in evaluated.features.encoded.iter().enumerate() {
+        if let Some(&fp32_row) = fp32_rows.get(image) {
+            both += 1;
+            let predicted = |logits: &Array2<f32>, row: usize| argmax(&row_slice(logits.row(row)));
+            agree += usize::from(predicted(&evaluated.fine_tuned, row) == predicted(&fp32.fine_tuned, fp32_row));
+        }
+    }
+    let agreement = if both == 0 { 0.0 } else { 100.0 * agree as f64 / both as f64 };
+    Ok(PrecisionComparison::of(request.classifier.precision, both, agreement, reports, &fp32_reports))
 }
 
 /// The shift alarm's baseline: d(x) as `calibration` measures it (CAC's distance; the logit

@@ -60,6 +60,10 @@ pub fn content_key(classifier: &Classifier, paths: &[PathBuf]) -> String {
     hasher.update(format!("{STORE_FORMAT} {STORE_FORMAT_VERSION}\n"));
     hasher.update(format!("bundle {}\n", classifier.bundle().fingerprint()));
     hasher.update(format!("preprocess {:?}\nlimits {:?}\n", classifier.bundle().preprocess_config(), classifier.decode_limits()));
+    // The encoders that run (fp32 or int8) and the decoding change the embeddings.
+    if let Some(path) = classifier.calibration_path() {
+        hasher.update(format!("path {}\n", path.to_json()));
+    }
     for path in paths {
         // An unreadable file enters the key as such; the error is recorded as a failure.
         let content = file_sha256(path).unwrap_or_else(|error| format!("unreadable: {error}"));

@@ -16,7 +16,7 @@ fn main() {
         }
         if let Ok(cache) = TextFeatureCache::open(&path, CacheOpenOptions { verify_checksum: true }) {
             let features = cache.stacked_text_features();
-            let _ = (features.sum(), cache.dac_factors().len(), cache.class_list_summary(), cache.metadata().len());
+            let _ = (features.to_f32().sum(), cache.dac_factors().len(), cache.class_list_summary(), cache.metadata().len());
             for class in 0..cache.num_classes() {
                 let _ = cache.is_base(class);
             }

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cac_edge::bundle::Bundle;
-use cac_edge::cache::{build_cache, ClassList};
+use cac_edge::cache::{build_cache, ClassList, FeaturePrecision};
 use cac_edge::runtime::{Device, Runtime, SessionOptions};
 use ndarray::{ArrayD, IxDyn};
 use safetensors::tensor::{Dtype, SafeTensors};
@@ -40,7 +40,7 @@ pub fn runtime() -> std::sync::Arc<Runtime> {
 pub fn build_test_cache(bundle: &Path, dir: &Path) -> PathBuf {
     let output = dir.join("cache.safetensors");
     let bundle = Bundle::open(bundle).expect("open bundle");
-    build_cache(&runtime(), &bundle, &class_list(), &cpu(), &output).expect("build cache");
+    build_cache(&runtime(), &bundle, &class_list(), &cpu(), &output, FeaturePrecision::F32).expect("build cache");
     output
 }
 
@@ -132,8 +132,8 @@ pub fn classify_command(cache: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
-/// What `cac-edge classify` says of `image` with `bundle`, `cache` and `threshold`, on the CPU:
-/// the independent reference for the service's decisions.
+/// What `cac-edge classify` says of `image` with `bundle`, `cache` and `threshold`, on the CPU,
+/// decoding as `serve` does by default (DCT-scaled): the reference for the service's decisions.
 pub fn classify_reference(bundle: &Path, cache: impl AsRef<std::ffi::OsStr>, image: &Path, threshold: &str) -> serde_json::Value {
     let output = command()
         .arg("classify")
@@ -141,7 +141,7 @@ pub fn classify_reference(bundle: &Path, cache: impl AsRef<std::ffi::OsStr>, ima
         .arg(bundle)
         .arg("--cache")
         .arg(cache)
-        .args(["--device", "cpu", "--threshold", threshold])
+        .args(["--device", "cpu", "--decode", "scaled", "--threshold", threshold])
         .arg(image)
         .output()
         .expect("run classify");
