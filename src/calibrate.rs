@@ -99,6 +99,12 @@ pub enum Calibration {
 }
 
 impl Calibration {
+    /// Whether [`calibrate`] reads the zero-shot logits: only CAC does. A bundle with its own
+    /// fine-tuned image encoder skips the zero-shot image pass for the others.
+    pub fn reads_zero_shot_logits(&self) -> bool {
+        matches!(self, Calibration::Cac(_))
+    }
+
     /// `"none"`, `"ts"`, `"dac"` or `"cac"`, as in every output line.
     pub fn name(&self) -> &'static str {
         match self {

@@ -11,7 +11,8 @@ use cac_edge::inputs::{scan, Scan, ScanOptions, SkipReason};
 use cac_edge::preprocess::DecodeMode;
 use cac_edge::runtime::MAX_INTRA_THREADS;
 use cac_edge::{
-    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, Precision, SessionOptions,
+    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, EncoderSchedule, Precision,
+    SessionOptions,
 };
 
 pub(crate) const MODEL: &str = "Model";
@@ -42,6 +43,10 @@ pub(crate) struct ModelArgs {
     /// variants, several times faster on CPUs).
     #[arg(long, default_value = "fp32", value_name = "PRECISION")]
     pub(crate) precision: Precision,
+    /// Bundles with their own fine-tuned image encoder (MaPLe, PromptSRC), under CAC: run the
+    /// two image encoders concurrently (each with half the cores) or one after the other.
+    #[arg(long, default_value = "concurrent", value_name = "SCHEDULE")]
+    pub(crate) encoder_schedule: EncoderSchedule,
 }
 
 impl ModelArgs {
@@ -56,6 +61,7 @@ impl ModelArgs {
             verify_bundle_files: !self.no_verify,
             use_verification_stamp: !self.verify_always,
             precision: self.precision,
+            encoder_schedule: self.encoder_schedule,
             ..options
         }
     }

@@ -11,7 +11,7 @@
 //! and every sum is accumulated in f32, so only the stored features are rounded.
 
 use half::f16;
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, CowArray, Ix2};
+use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, CowArray, Ix2};
 
 use crate::cache::FeaturePrecision;
 
@@ -86,10 +86,25 @@ impl<'a> TextFeatures<'a> {
 /// Logits of a batch: rows are images, columns classes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchLogits {
-    /// The original CLIP's logits, `[N, C]`.
+    /// The original CLIP's logits, `[N, C]`; `[0, C]` when the zero-shot image pass was skipped
+    /// ([`fine_tuned_logits`]: a bundle with its own fine-tuned image encoder under a
+    /// calibration that never reads them).
     pub zero_shot: Array2<f32>,
     /// The fine-tuned model's logits, `[N, C]`.
     pub fine_tuned: Array2<f32>,
+}
+
+impl BatchLogits {
+    /// Per image, its fine-tuned and zero-shot logit rows. Where the zero-shot pass was skipped,
+    /// the fine-tuned row stands in for the zero-shot one: only a calibration that does not read
+    /// it ([`crate::Calibration::reads_zero_shot_logits`]) is ever given such logits.
+    pub fn rows(&self) -> impl Iterator<Item = (ArrayView1<'_, f32>, ArrayView1<'_, f32>)> {
+        let skipped = self.zero_shot.nrows() == 0;
+        self.fine_tuned.outer_iter().enumerate().map(move |(row, fine_tuned)| {
+            let zero_shot = if skipped { fine_tuned } else { self.zero_shot.row(row) };
+            (fine_tuned, zero_shot)
+        })
+    }
 }
 
 /// Logit scales of the two models (CLIP's exp(logit_scale), usually 100).
@@ -99,6 +114,21 @@ pub struct LogitScales {
     pub zero_shot: f32,
     /// The fine-tuned model's scale.
     pub fine_tuned: f32,
+}
+
+/// The fine-tuned logits alone, for a bundle with its own fine-tuned image encoder when the
+/// calibration does not read the zero-shot logits: the zero-shot image pass is skipped and
+/// `zero_shot` has no rows (see [`BatchLogits::rows`]).
+pub fn fine_tuned_logits<'t>(
+    image_ft: ArrayView2<'_, f32>,
+    stacked_text: impl Into<TextFeatures<'t>>,
+    scale: f32,
+) -> BatchLogits {
+    let stacked_text = stacked_text.into();
+    let rows = stacked_text.dim().0;
+    let mut fine_tuned = text_similarities(image_ft, stacked_text.rows(rows / 2..rows));
+    fine_tuned.mapv_inplace(|cosine| cosine * scale);
+    BatchLogits { zero_shot: Array2::zeros((0, fine_tuned.ncols())), fine_tuned }
 }
 
 /// `stacked_text` is [2C, D]: rows 0..C zero-shot, C..2C fine-tuned class features, normalised,

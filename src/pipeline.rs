@@ -13,11 +13,11 @@ use ndarray::{Array2, Array4, ArrayView1, ArrayView4, Axis};
 use crate::bundle::Precision;
 use crate::bundle::{Bundle, BundleError};
 use crate::cache::{CacheError, CacheOpenOptions, ClassList, TextFeatureCache};
-use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationSettings};
+use crate::calibrate::{calibrate, top_k, Calibration, CalibrationError, CalibrationMethod, CalibrationSettings};
 use crate::calibration_path::{CalibrationPath, CALIBRATION_PATH_KEY};
 use crate::decide::{decide, validate_threshold, Decision};
 use crate::encode::{EncodeError, Encoder};
-use crate::logits::{batch_logits, BatchLogits, LogitScales};
+use crate::logits::{batch_logits, fine_tuned_logits, BatchLogits, LogitScales};
 use crate::preprocess::{
     decode_file_with, preprocess_scaled_into, DecodeLimits, DecodeMode, Decoded, Geometry, PreprocessConfig, PreprocessError,
 };
@@ -119,6 +119,49 @@ pub struct ClassifierOptions {
     pub strict: bool,
     /// When given, the cache must have been built for exactly this class list.
     pub expected_classes: Option<ClassList>,
+    /// A bundle with its own fine-tuned image encoder: how its two image encoders share the
+    /// CPU (concurrently by default).
+    pub encoder_schedule: EncoderSchedule,
+    /// A bundle with its own fine-tuned image encoder: run the zero-shot image encoder even
+    /// under a calibration that does not read the zero-shot logits (none, TS, DAC skip it).
+    /// `eval` sets it: it compares every calibration on the same passes.
+    pub encode_both_images: bool,
+}
+
+/// How a bundle with its own fine-tuned image encoder (MaPLe, PromptSRC) runs its two image
+/// encoders on a batch, when both run (CAC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderSchedule {
+    /// Both at once on two threads. Unless the intra-op threads are set, each session gets half
+    /// the cores: two half-width runs side by side use the cores better than two full-width runs
+    /// in turn, because a single image's run does not scale to every core (BENCHMARKS.md).
+    #[default]
+    Concurrent,
+    /// One after the other, each session with every core.
+    Sequential,
+}
+
+impl EncoderSchedule {
+    /// `"concurrent"` or `"sequential"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EncoderSchedule::Concurrent => "concurrent",
+            EncoderSchedule::Sequential => "sequential",
+        }
+    }
+}
+
+impl std::str::FromStr for EncoderSchedule {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "concurrent" => Ok(EncoderSchedule::Concurrent),
+            "sequential" => Ok(EncoderSchedule::Sequential),
+            other => Err(format!("unknown encoder schedule '{other}' (expected concurrent or sequential)")),
+        }
+    }
 }
 
 impl Default for ClassifierOptions {
@@ -137,6 +180,8 @@ impl Default for ClassifierOptions {
             precision: Precision::Fp32,
             strict: false,
             expected_classes: None,
+            encoder_schedule: EncoderSchedule::Concurrent,
+            encode_both_images: false,
         }
     }
 }
@@ -182,7 +227,8 @@ pub struct RankedClass {
 /// L2-normalised image embeddings of a batch, rows = images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageEmbeddings {
-    /// The original CLIP image encoder's embeddings.
+    /// The original CLIP image encoder's embeddings; no rows when the zero-shot image pass was
+    /// skipped (a fine-tuned image encoder under a calibration that does not read them).
     pub zero_shot: Array2<f32>,
     /// The fine-tuned image encoder's embeddings; `None` when the bundle shares the zero-shot
     /// image encoder (CoOp-style prompt learning).
@@ -195,6 +241,9 @@ pub struct Classifier {
     cache: TextFeatureCache,
     image_zs: Encoder,
     image_ft: Option<Encoder>,
+    /// The bundle has its own fine-tuned image encoder and nothing reads the zero-shot logits:
+    /// the zero-shot image encoder is not run.
+    skips_zero_shot_image: bool,
     preprocess: PreprocessConfig,
     calibration: Calibration,
     threshold: Threshold,
@@ -223,6 +272,11 @@ impl Classifier {
         let preprocess = bundle.preprocess_config();
         let image_files = bundle.runtime_file_names(options.precision)?;
         let stamp = std::sync::Mutex::new(VerificationStamp::of_cache(cache_path));
+        // Whether a batch runs both image encoders is known before the cache is read: only CAC
+        // reads the zero-shot logits, and the method comes from the caller, else the bundle,
+        // else the CAC default (the cache adds a temperature, never a method).
+        let method = options.calibration.method.or(bundle.manifest().calibration.method).unwrap_or(CalibrationMethod::Cac);
+        let runs_both = bundle.image_ft_path().is_some() && (options.encode_both_images || method == CalibrationMethod::Cac);
         // Checking the cache and hashing the encoder files read them whole; creating the
         // sessions reads and optimises the same encoders. Run side by side, start-up costs the
         // longer of the two instead of their sum. Errors are reported in the order of the
@@ -234,7 +288,7 @@ impl Classifier {
                 (true, false) => bundle.verify_files(image_files.iter().copied()).map_err(PipelineError::from),
                 (true, true) => bundle.verify_files_stamped(image_files.iter().copied(), &stamp).map_err(PipelineError::from),
             });
-            let opened = open_image_encoders(runtime, &bundle, &options, preprocess.image_size);
+            let opened = open_image_encoders(runtime, &bundle, &options, preprocess.image_size, runs_both);
             let panicked = || PipelineError::Batch("a start-up check stopped unexpectedly".into());
             (checked.join().unwrap_or_else(|_| Err(panicked())), verified.join().unwrap_or_else(|_| Err(panicked())), opened)
         });
@@ -250,7 +304,19 @@ impl Classifier {
             }
         }
         let runtime = Arc::clone(runtime);
-        Ok(Classifier { bundle, cache, image_zs, image_ft, preprocess, calibration, threshold, options, _runtime: runtime })
+        let skips_zero_shot_image = image_ft.is_some() && !runs_both && !calibration.reads_zero_shot_logits();
+        Ok(Classifier {
+            bundle,
+            cache,
+            image_zs,
+            image_ft,
+            skips_zero_shot_image,
+            preprocess,
+            calibration,
+            threshold,
+            options,
+            _runtime: runtime,
+        })
     }
 
     /// The bundle.
@@ -308,16 +374,13 @@ impl Classifier {
 
     /// A prediction per row of a batch's logits.
     fn predictions(&self, logits: &BatchLogits) -> Result<Vec<Prediction>, PipelineError> {
-        logits
-            .fine_tuned
-            .outer_iter()
-            .zip(logits.zero_shot.outer_iter())
-            .map(|(ft, zs)| self.predict(&row_slice(ft), &row_slice(zs)))
-            .collect()
+        logits.rows().map(|(ft, zs)| self.predict(&row_slice(ft), &row_slice(zs))).collect()
     }
 
     /// Zero-shot and fine-tuned logits of decoded RGB frames, before calibration (what `eval`
-    /// needs to compare calibrators on the same forward passes).
+    /// needs to compare calibrators on the same forward passes). With a fine-tuned image encoder
+    /// the zero-shot logits have no rows unless the calibration reads them or
+    /// [`ClassifierOptions::encode_both_images`] is set.
     pub fn logits(&mut self, frames: &[RgbImage]) -> Result<BatchLogits, PipelineError> {
         let mut batches = Vec::new();
         for (chunk_index, chunk) in frames.chunks(self.options.batch_size).enumerate() {
@@ -470,19 +533,40 @@ impl Classifier {
     }
 
     /// The image encoders' runs on a ready `[N, 3, S, S]` tensor (both encoders when the bundle
-    /// has two): what `bench` times as the bare encoder.
+    /// has two and the calibration reads the zero-shot logits, as the schedule says; else the
+    /// one the calibration needs): what `bench` times as the bare encoder.
     pub(crate) fn encode_pixels(&mut self, pixels: ArrayView4<'_, f32>) -> Result<ImageEmbeddings, PipelineError> {
-        let zero_shot = self.image_zs.encode_images(pixels)?;
-        let fine_tuned = match self.image_ft.as_mut() {
-            Some(encoder) => Some(encoder.encode_images(pixels)?),
-            None => None,
+        let Some(image_ft) = self.image_ft.as_mut() else {
+            return Ok(ImageEmbeddings { zero_shot: self.image_zs.encode_images(pixels)?, fine_tuned: None });
         };
-        Ok(ImageEmbeddings { zero_shot, fine_tuned })
+        if self.skips_zero_shot_image {
+            let fine_tuned = image_ft.encode_images(pixels)?;
+            return Ok(ImageEmbeddings { zero_shot: Array2::zeros((0, fine_tuned.ncols())), fine_tuned: Some(fine_tuned) });
+        }
+        let image_zs = &mut self.image_zs;
+        let (zero_shot, fine_tuned) = match self.options.encoder_schedule {
+            EncoderSchedule::Sequential => (image_zs.encode_images(pixels), image_ft.encode_images(pixels)),
+            EncoderSchedule::Concurrent => std::thread::scope(|scope| {
+                let fine_tuned = scope.spawn(|| image_ft.encode_images(pixels));
+                let zero_shot = image_zs.encode_images(pixels);
+                let fine_tuned = fine_tuned.join().unwrap_or_else(|_| {
+                    Err(crate::encode::EncodeError::Inference {
+                        path: PathBuf::from("image_ft"),
+                        message: "the fine-tuned image encoder's thread stopped unexpectedly".into(),
+                    })
+                });
+                (zero_shot, fine_tuned)
+            }),
+        };
+        Ok(ImageEmbeddings { zero_shot: zero_shot?, fine_tuned: Some(fine_tuned?) })
     }
 
     /// Logits of stored image embeddings against this classifier's cache.
     pub fn logits_of_embeddings(&self, embeddings: &ImageEmbeddings) -> BatchLogits {
         let scales = LogitScales { zero_shot: self.cache.logit_scale_zs(), fine_tuned: self.cache.logit_scale_ft() };
+        if let (0, Some(fine_tuned)) = (embeddings.zero_shot.nrows(), embeddings.fine_tuned.as_ref()) {
+            return fine_tuned_logits(fine_tuned.view(), self.cache.stacked_text_features(), scales.fine_tuned);
+        }
         batch_logits(
             embeddings.zero_shot.view(),
             embeddings.fine_tuned.as_ref().map(|embeds| embeds.view()),
@@ -587,13 +671,19 @@ fn open_image_encoders(
     bundle: &Bundle,
     options: &ClassifierOptions,
     image_size: u32,
+    runs_both: bool,
 ) -> Result<(Encoder, Option<Encoder>), PipelineError> {
     let (zero_shot, fine_tuned) = bundle.image_encoder_names(options.precision)?;
     let per_image = bundle.is_batch_dependent(options.precision);
+    let mut session = options.session.clone();
+    if runs_both && options.encoder_schedule == EncoderSchedule::Concurrent && session.intra_threads.is_none() {
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+        session.intra_threads = Some((cores / 2).max(1));
+    }
     let open = |name: &str| {
         let path = bundle.dir().join(name);
         let sha256 = bundle.declared_sha256(name);
-        let encoder = Encoder::open_image_of(runtime, &path, sha256, &options.session, image_size, bundle.embed_dim())?;
+        let encoder = Encoder::open_image_of(runtime, &path, sha256, &session, image_size, bundle.embed_dim())?;
         Ok::<_, PipelineError>(if per_image { encoder.one_image_per_run() } else { encoder })
     };
     let image_zs = open(zero_shot)?;

@@ -224,6 +224,7 @@ struct RawModel {
     tensorrt_cache: Option<Spanned<String>>,
     graph_cache: Option<Spanned<String>>,
     precision: Option<Spanned<String>>,
+    encoder_schedule: Option<Spanned<String>>,
     strict: Option<bool>,
     threshold: Option<Spanned<f64>>,
     calibration: Option<Spanned<String>>,
@@ -384,6 +385,12 @@ impl Checker<'_> {
         if let Some(precision) = &raw.precision {
             options.precision =
                 precision.get_ref().parse().map_err(|why: String| self.error(Some(precision.span()), "model.precision", why))?;
+        }
+        if let Some(schedule) = &raw.encoder_schedule {
+            options.encoder_schedule = schedule
+                .get_ref()
+                .parse()
+                .map_err(|why: String| self.error(Some(schedule.span()), "model.encoder_schedule", why))?;
         }
         if let Some(top_k) = &raw.top_k {
             options.top_k = self.integer(top_k, "model.top_k", 1, 1000)? as usize;

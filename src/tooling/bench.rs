@@ -7,6 +7,10 @@
 //!   the pipeline's own ONNX Runtime session ([`crate::encode::Encoder::encode_images`]: `session.run` plus the
 //!   extraction and L2 normalisation of the `[B, D]` output; with a fine-tuned image encoder,
 //!   both runs).
+//!   With a fine-tuned image encoder (MaPLe, PromptSRC) the uncalibrated pipeline runs that
+//!   encoder alone, so (a) is the fine-tuned encoder alone and `encoder_cac` (a′) the two
+//!   encoders as CAC runs them (concurrently or in turn, `--encoder-schedule`); `(c)/(b)` is then
+//!   the whole price of calibration, the zero-shot pass included.
 //! * `pipeline.none` (b), `pipeline.cac` (c), `pipeline.dac`, `pipeline.ts` (d): one
 //!   [`Classifier::classify_files`] call on B image paths (decode → preprocess → encode → logits →
 //!   calibrate → decide), timed from call to return. One classifier per calibration, all opened
@@ -43,7 +47,9 @@ use serde::Serialize;
 use crate::bundle::Precision;
 use crate::calibrate::{Calibration, CalibrationMethod, CalibrationSettings};
 use crate::logits::BatchLogits;
-use crate::pipeline::{preprocess_frames, row_slice, Classifier, ClassifierOptions, ImageEmbeddings, PipelineError};
+use crate::pipeline::{
+    preprocess_frames, row_slice, Classifier, ClassifierOptions, EncoderSchedule, ImageEmbeddings, PipelineError,
+};
 use crate::preprocess::{decode_file_with, DecodeLimits, DecodeMode, Decoded, PreprocessConfig, PreprocessError};
 use crate::runtime::Runtime;
 
@@ -52,6 +58,9 @@ pub const DEFAULT_TS_TEMPERATURE: f64 = 1.5;
 
 /// The calibrations timed through the full pipeline, in report order.
 pub const CALIBRATIONS: [&str; 4] = ["none", "cac", "dac", "ts"];
+
+/// Index of CAC in [`CALIBRATIONS`].
+const CAC: usize = 1;
 
 /// The calibrations also timed streaming (indices into [`CALIBRATIONS`]): none and cac.
 const STREAMED: [usize; 2] = [0, 1];
@@ -208,6 +217,8 @@ pub struct BenchSettings {
     pub threads: Option<usize>,
     /// How JPEGs were decoded (`exact` or `scaled`), in every variant that decodes.
     pub decode: DecodeMode,
+    /// How two image encoders share the CPU under CAC (bundles with a fine-tuned image encoder).
+    pub encoder_schedule: EncoderSchedule,
 }
 
 /// How the benchmark decodes files: as the classifiers do.
@@ -299,6 +310,10 @@ pub struct Ratios {
     pub encoder_speedup: BTreeMap<String, f64>,
     /// (c) / (b): CAC's overhead on the full pipeline.
     pub cac_over_none: f64,
+    /// (a′) / (a), only for a bundle with a fine-tuned image encoder: the zero-shot pass's price
+    /// on the bare encoders.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cac_encoders_over_encoder: Option<f64>,
     /// 1 + (calibrate.cac − calibrate.none) / (b): the same overhead from the isolated
     /// calibration stage, far less exposed to machine noise than two end-to-end medians.
     pub cac_over_none_from_stages: f64,
@@ -315,8 +330,12 @@ pub struct BatchResult {
     pub batch_size: usize,
     /// Batches per round (the image list cycled to a multiple of the batch size).
     pub batches_per_round: usize,
-    /// (a)
+    /// (a): the encoder(s) the uncalibrated pipeline runs.
     pub encoder: Timing,
+    /// (a′), only for a bundle with a fine-tuned image encoder: both image encoders, as the CAC
+    /// pipeline runs them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_cac: Option<Timing>,
     /// (a) with the bundle's other image-encoder precisions, same tensors, same rounds.
     pub encoder_by_precision: BTreeMap<String, Timing>,
     /// (b) none, (c) cac, (d) dac and ts.
@@ -341,6 +360,9 @@ pub struct BatchResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Encoder,
+    /// The image encoders as the CAC classifier runs them (a bundle with a fine-tuned image
+    /// encoder only): (a′).
+    CacEncoders,
     /// The encoder of another precision (index into the extra classifiers).
     OtherEncoder(usize),
     Pipeline(usize),
@@ -357,6 +379,7 @@ impl Variant {
     fn name(self) -> String {
         match self {
             Variant::Encoder => "encoder".into(),
+            Variant::CacEncoders => "encoder_cac".into(),
             Variant::OtherEncoder(other) => format!("encoder.{other}"),
             Variant::Pipeline(method) => format!("pipeline.{}", CALIBRATIONS[method]),
             Variant::Stream(streamed) => format!("stream.{}", CALIBRATIONS[STREAMED[streamed]]),
@@ -368,8 +391,11 @@ impl Variant {
     }
 }
 
-fn variants(other_precisions: usize) -> Vec<Variant> {
+fn variants(other_precisions: usize, fine_tuned_image_encoder: bool) -> Vec<Variant> {
     let mut all = vec![Variant::Encoder];
+    if fine_tuned_image_encoder {
+        all.push(Variant::CacEncoders);
+    }
     all.extend((0..other_precisions).map(Variant::OtherEncoder));
     all.extend((0..CALIBRATIONS.len()).map(Variant::Pipeline));
     all.extend((0..STREAMED.len()).map(Variant::Stream));
@@ -494,7 +520,7 @@ pub fn run_bench(
         .sum::<f64>()
         / frames.len() as f64;
 
-    let all_variants = variants(others.len());
+    let all_variants = variants(others.len(), classifiers[0].bundle().image_ft_path().is_some());
     let mut prepared = Vec::new();
     for &batch_size in &options.batch_sizes {
         prepared.push(prepare(&mut classifiers[0], &frames, &used_paths, &config, batch_size, all_variants.len())?);
@@ -562,6 +588,7 @@ pub fn run_bench(
             warmup_rounds: options.warmup_rounds,
             threads: options.classifier.session.intra_threads,
             decode: options.classifier.decode,
+            encoder_schedule: options.classifier.encoder_schedule,
         },
         calibrations: classifiers.iter().map(|classifier| *classifier.calibration()).collect(),
         ts_temperature_source,
@@ -631,6 +658,9 @@ fn run_variant(
             Variant::Encoder => {
                 black_box(classifiers[0].encode_pixels(set.pixels[batch].view())?);
             }
+            Variant::CacEncoders => {
+                black_box(classifiers[CAC].encode_pixels(set.pixels[batch].view())?);
+            }
             Variant::OtherEncoder(other) => {
                 black_box(others[other].encode_pixels(set.pixels[batch].view())?);
             }
@@ -651,7 +681,7 @@ fn run_variant(
             }
             Variant::Calibrate(method) => {
                 let logits = &set.logits[batch];
-                for (fine_tuned, zero_shot) in logits.fine_tuned.outer_iter().zip(logits.zero_shot.outer_iter()) {
+                for (fine_tuned, zero_shot) in logits.rows() {
                     black_box(
                         classifiers[method]
                             .predict(&row_slice(fine_tuned), &row_slice(zero_shot))
@@ -695,6 +725,7 @@ fn summarize_batch(set: &Prepared, all_variants: &[Variant], other_precisions: &
     let stream = StreamTimings { none: timing(Variant::Stream(0)), cac: timing(Variant::Stream(1)) };
     let [cal_none, cal_cac, cal_dac, cal_ts] = per_method(Variant::Calibrate);
     let encoder = timing(Variant::Encoder);
+    let encoder_cac = all_variants.contains(&Variant::CacEncoders).then(|| timing(Variant::CacEncoders));
     let encoder_by_precision: BTreeMap<String, Timing> = other_precisions
         .iter()
         .enumerate()
@@ -711,23 +742,25 @@ fn summarize_batch(set: &Prepared, all_variants: &[Variant], other_precisions: &
     BatchResult {
         batch_size: set.batch_size,
         batches_per_round: set.batches.len(),
-        encoder,
         encoder_by_precision,
         non_encoder_per_image_s: breakdown.decode.median_s
             + breakdown.preprocess.median_s
             + breakdown.logits.median_s
             + breakdown.calibrate.cac.median_s,
-        pipeline_minus_encoder_s: cac.median_s - encoder.median_s,
+        pipeline_minus_encoder_s: cac.median_s - encoder_cac.as_ref().map_or(encoder.median_s, |both| both.median_s),
         ratios: Ratios {
             pipeline_over_encoder: none.median_s / encoder.median_s,
             encoder_speedup,
             cac_over_none: cac.median_s / none.median_s,
+            cac_encoders_over_encoder: encoder_cac.as_ref().map(|both| both.median_s / encoder.median_s),
             cac_over_none_from_stages: 1.0
                 + (breakdown.calibrate.cac.median_s - breakdown.calibrate.none.median_s) / none.median_s,
             dac_over_none: dac.median_s / none.median_s,
             ts_over_none: ts.median_s / none.median_s,
         },
         pipeline: PipelineTimings { none, cac, dac, ts },
+        encoder,
+        encoder_cac,
         stream,
         breakdown,
         samples: keep_samples
@@ -780,8 +813,11 @@ mod tests {
 
     #[test]
     fn every_variant_appears_once() {
-        let all = variants(1);
-        assert_eq!(all.len(), 5 + 2 * CALIBRATIONS.len() + STREAMED.len());
+        let all = variants(1, true);
+        // encoder, encoder_cac, one other precision, decode, preprocess, logits.
+        assert_eq!(all.len(), 6 + 2 * CALIBRATIONS.len() + STREAMED.len());
+        assert_eq!(variants(0, false).len(), all.len() - 2);
+        assert_eq!(CALIBRATIONS[CAC], "cac");
         for (index, variant) in all.iter().enumerate() {
             assert!(!all[index + 1..].contains(variant));
             assert!(all[index + 1..].iter().all(|other| other.name() != variant.name()));

@@ -156,8 +156,12 @@ pub fn run_eval(
         return Err(EvalError::Input(format!("a threshold target is a fraction in (0, 1], got {target}")).into());
     }
     // The calibrators are resolved here, after fitting; the classifier only encodes.
-    let options =
-        ClassifierOptions { calibration: CalibrationSettings::method(CalibrationMethod::None), ..request.classifier.clone() };
+    // Every calibrator is compared on the same passes, so both image encoders run.
+    let options = ClassifierOptions {
+        calibration: CalibrationSettings::method(CalibrationMethod::None),
+        encode_both_images: true,
+        ..request.classifier.clone()
+    };
     let mut classifier = Classifier::open(runtime, request.bundle, request.cache, options)?;
     let evaluated = encode_set(&mut classifier, request.cache, request.images, &mut progress)?;
     let fitting = request.fit_images.map(|path| encode_set(&mut classifier, request.cache, path, &mut progress)).transpose()?;
@@ -304,6 +308,7 @@ fn compare_with_fp32(
         calibration: CalibrationSettings::method(CalibrationMethod::None),
         precision: Precision::Fp32,
         strict: false,
+        encode_both_images: true,
         ..request.classifier.clone()
     };
     let mut reference = Classifier::open(runtime, request.bundle, request.cache, options)?;

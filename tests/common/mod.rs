@@ -51,7 +51,12 @@ pub struct Reference {
 
 impl Reference {
     pub fn load() -> Reference {
-        let path = fixture("reference/tiny_embeddings.safetensors");
+        Reference::load_file("tiny_embeddings.safetensors")
+    }
+
+    /// Another reference file in tests/fixtures/reference/ (e.g. a deep-prompt bundle's).
+    pub fn load_file(name: &str) -> Reference {
+        let path = fixture("reference").join(name);
         Reference { bytes: std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display())) }
     }
 
