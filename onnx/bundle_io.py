@@ -29,6 +29,7 @@ BUNDLE_FORMAT_VERSION_VARIANTS = 2
 
 IMAGE_FILE = "image_zs.onnx"
 IMAGE_INT8_FILE = "image_zs.int8.onnx"
+IMAGE_FT_FILE = "image_ft.onnx"  # MaPLe/PromptSRC: the image encoder with deep vision prompts
 TEXT_ZS_FILE = "text_zs.onnx"
 TEXT_FT_FILE = "text_ft.onnx"
 TOKENIZER_FILE = "tokenizer.json"

@@ -7,6 +7,9 @@ The bundle (docs/FORMATS.md section 1) holds three ONNX graphs, the tokenizer an
     text_zs.onnx    input_ids    [N,L]     int64   -> text_embeds  [N,D]  (model.encode_text)
     text_ft.onnx    input_ids of "X X X X {}." -> text_embeds [N,D]: positions 1..=n_ctx take
                     the learned context, then the rest of encode_text (CoOp's prompt learner)
+    image_ft.onnx   MaPLe/PromptSRC only (--method maple|promptsrc, onnx/deep_prompts.py): the image
+                    encoder with the deep vision prompts; text_ft.onnx then also carries the deep
+                    text prompts
 
 Examples (run from the repository root with the export venv, see onnx/README.md):
 
@@ -53,10 +56,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_tokenizer import build_tokenizer_json  # noqa: E402  (sibling module, not a package)
 from bundle_io import (  # noqa: E402  (sibling module: the helpers onnx/quantize.py shares)
-    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_FORMAT_VERSION_VARIANTS, IMAGE_FILE, IMAGE_INT8_FILE, MANIFEST_FILE,
-    TEXT_FT_FILE, TEXT_ZS_FILE, TOKENIZER_FILE, ExportError, eval_transform, load_pixels, parity_images,
+    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_FORMAT_VERSION_VARIANTS, IMAGE_FILE, IMAGE_FT_FILE, IMAGE_INT8_FILE,
+    MANIFEST_FILE, TEXT_FT_FILE, TEXT_ZS_FILE, TOKENIZER_FILE, ExportError, eval_transform, load_pixels, parity_images,
     render_manifest, sha256_file,
 )
+import deep_prompts  # noqa: E402  (sibling module: MaPLe/PromptSRC prompts and graph wrappers)
+from deep_prompts import DEEP_METHODS, DeepPrompts  # noqa: E402
 
 # Expected and harmless here: the TorchScript exporter is chosen on purpose (see export_graph), and
 # the advanced-indexing warning concerns negative indices, while EOT pooling indexes by argmax.
@@ -72,6 +77,8 @@ PLACEHOLDER_TOKEN = "X"
 # Without a prompt learner the context starts as CoOp's usual `CTX_INIT`.
 PLACEHOLDER_CONTEXT_INIT = "a photo of a"
 PROMPT_LEARNER_METHODS = ("coop", "kgcoop", "prograd")
+# Deep-prompt methods (onnx/deep_prompts.py): their own image graph, image_ft.onnx.
+DEEP_PROMPT_METHODS = DEEP_METHODS
 CLIP_VOCAB_SIZE = 49408
 
 
@@ -112,6 +119,7 @@ class ExportOptions:
     seed: int = 0
     prompt_learner: Path | None = None
     method: str | None = None
+    ctx_init: str = deep_prompts.DEFAULT_CTX_INIT
     name: str | None = None
     description: str | None = None
     opset: int = 17
@@ -162,6 +170,7 @@ class ExportResult:
     seconds: dict[str, float]
     parity: dict = field(default_factory=dict)
     fusion: dict = field(default_factory=dict)
+    fusion_ft: dict = field(default_factory=dict)  # image_ft.onnx (MaPLe/PromptSRC)
     variant: dict = field(default_factory=dict)
 
 
@@ -275,22 +284,59 @@ def _preprocess_config(model: nn.Module, model_name: str) -> dict:
             "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
 
 
-def load_prompt_learner(opts: ExportOptions, clip: LoadedClip) -> PromptContext:
-    """The learned context from --prompt-learner, or the placeholder one without it."""
+def load_prompt_learner(opts: ExportOptions, clip: LoadedClip) -> PromptContext | DeepPrompts:
+    """The learned context from --prompt-learner, or the placeholder one without it. A MaPLe or
+    PromptSRC Dassl checkpoint (recognised by its keys) gives DeepPrompts (onnx/deep_prompts.py)."""
+    wants_deep = opts.method in DEEP_PROMPT_METHODS
     if opts.prompt_learner is None:
+        if wants_deep:
+            raise ExportError(f"--method {opts.method} needs --prompt-learner: the official Dassl checkpoint "
+                              f"({deep_prompts._official_file(opts.method)})")
         context = placeholder_context(clip)
     else:
         path = opts.prompt_learner
         if not path.is_file():
             raise ExportError(f"{path}: prompt-learner file not found")
         if path.suffix == ".safetensors":
+            if wants_deep:
+                raise ExportError(f"{path}: --method {opts.method} reads the official Dassl checkpoint "
+                                  f"({deep_prompts._official_file(opts.method)}), not a .safetensors context")
             context = _read_project_prompt_learner(path)
         else:
-            context = _read_dassl_prompt_learner(path)
+            checkpoint, state = _read_dassl_checkpoint(path)
+            detected = deep_prompts.detect_method(state, path)
+            if detected in DEEP_PROMPT_METHODS:
+                return _deep_prompt_learner(opts, clip, path, checkpoint, state, detected)
+            if wants_deep:
+                raise ExportError(
+                    f"{path}: --method {opts.method} but the file has no {deep_prompts.method_label(opts.method)} "
+                    "prompts (only a CoOp-style 'ctx'); pass the "
+                    f"{deep_prompts._official_file(opts.method)} file, or --method coop for a CoOp/KgCoOp/ProGrad one"
+                )
+            context = _coop_context(path, checkpoint, state)
     if opts.method:
         context.method = opts.method
     _check_context(context, clip)
     return context
+
+
+def _deep_prompt_learner(opts: ExportOptions, clip: LoadedClip, path: Path, checkpoint: dict, state: dict,
+                         detected: str) -> DeepPrompts:
+    label = deep_prompts.method_label(detected)
+    if opts.method is None:
+        print(f"{path.name}: {label} checkpoint (recognised by its keys); exporting with --method {detected}")
+    elif opts.method != detected:
+        raise ExportError(
+            f"{path}: this is a {label} checkpoint (its keys: deep prompts of {label}), but --method is "
+            f"'{opts.method}'; pass --method {detected} (or leave --method out: it is recognised from the keys)"
+        )
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    source = f"{path.name} (Dassl, epoch {epoch}, sha256 {sha256_file(path)[:12]})"
+    prompts = deep_prompts.load_deep_prompts(state, detected, path, source, clip.model, clip.model_name,
+                                             clip.tokenizer, opts.ctx_init)
+    _check_context(prompts, clip)
+    print(f"{label}: {prompts.summary()}; " + "; ".join(prompts.notes))
+    return prompts
 
 
 def placeholder_context(clip: LoadedClip) -> PromptContext:
@@ -315,8 +361,9 @@ def _read_project_prompt_learner(path: Path) -> PromptContext:
     return PromptContext(_generic_context(ctx, path), method, f"{path.name} (sha256 {sha256_file(path)[:12]})")
 
 
-def _read_dassl_prompt_learner(path: Path) -> PromptContext:
-    """Official CoOp/KgCoOp/ProGrad checkpoint: {"state_dict": {"ctx", "token_prefix", ...}, "epoch", ...}."""
+def _read_dassl_checkpoint(path: Path) -> tuple[dict, dict]:
+    """An official Dassl checkpoint {"state_dict": ..., "epoch", "optimizer", "scheduler", ...},
+    read without running pickled code; returns (checkpoint, state_dict)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY_PICKLE)
     except Exception as error:  # torch and pickle raise many types for foreign files
@@ -324,6 +371,10 @@ def _read_dassl_prompt_learner(path: Path) -> PromptContext:
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ExportError(f"{path}: expected a dict with 'state_dict' (Dassl's save_checkpoint layout)")
+    return checkpoint, deep_prompts.strip_module_prefix(state)
+
+
+def _coop_context(path: Path, checkpoint: dict, state: dict) -> PromptContext:
     # DataParallel and whole-model saves prefix the names; token_prefix/suffix are fixed buffers.
     ctx_keys = [k for k in state if k == "ctx" or k.endswith(".ctx")]
     if len(ctx_keys) != 1 or not isinstance(state[ctx_keys[0]], torch.Tensor):
@@ -697,12 +748,22 @@ def build_manifest(opts: ExportOptions, clip: LoadedClip, context: PromptContext
     model = clip.model
     logit_scale = float(model.logit_scale.detach().exp().item())
     files = {name: sha256_file(bundle_dir / name) for name in (TOKENIZER_FILE, IMAGE_FILE, TEXT_ZS_FILE, TEXT_FT_FILE)}
+    deep = isinstance(context, DeepPrompts)
+    if deep:
+        files[IMAGE_FT_FILE] = sha256_file(bundle_dir / IMAGE_FT_FILE)
+    prompts = context.summary() if deep else f"{context.n_ctx} context tokens"
     description = opts.description or (
         f"open_clip {clip.model_name}, {clip.source}; fine-tuned: {context.method}, "
-        f"{context.n_ctx} context tokens from {context.source}; exported by onnx/export.py "
+        f"{prompts} from {context.source}; exported by onnx/export.py "
         f"(torch {torch.__version__}, open_clip {open_clip.__version__}, opset {opts.opset}"
         f"{', fp16 weights' if opts.fp16 else ''})"
     )
+    # CoOp, KgCoOp and ProGrad keep CLIP's logit scale fixed while learning the context; so do MaPLe
+    # and PromptSRC (deep_prompts.check_frozen_clip compares the checkpoint's logit_scale when present).
+    fine_tuned = {"method": context.method, "text_encoder": TEXT_FT_FILE,
+                  "template": context.template, "logit_scale": logit_scale}
+    if deep:
+        fine_tuned["image_encoder"] = IMAGE_FT_FILE
     return {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -713,9 +774,7 @@ def build_manifest(opts: ExportOptions, clip: LoadedClip, context: PromptContext
         "text": {"tokenizer": TOKENIZER_FILE, "context_length": int(model.context_length)},
         "zero_shot": {"image_encoder": IMAGE_FILE, "text_encoder": TEXT_ZS_FILE,
                       "template": ZERO_SHOT_TEMPLATE, "logit_scale": logit_scale},
-        # CoOp, KgCoOp and ProGrad keep CLIP's logit scale fixed while learning the context.
-        "fine_tuned": {"method": context.method, "text_encoder": TEXT_FT_FILE,
-                       "template": context.template, "logit_scale": logit_scale},
+        "fine_tuned": fine_tuned,
         "files": files,
     }
 
@@ -761,8 +820,13 @@ def parity_check(bundle_dir: Path, clip: LoadedClip, context: PromptContext, opt
         references = {
             IMAGE_FILE: (pixels, model.encode_image(pixels)),
             TEXT_ZS_FILE: (ids_zs, model.encode_text(ids_zs)),
-            TEXT_FT_FILE: (ids_ft, coop_text_features(model, context.ctx, ids_ft)),
         }
+        if isinstance(context, DeepPrompts):
+            text_ft, image_ft = deep_reference(model, context, ids_ft, pixels)
+            references[TEXT_FT_FILE] = (ids_ft, text_ft)
+            references[IMAGE_FT_FILE] = (pixels, image_ft)
+        else:
+            references[TEXT_FT_FILE] = (ids_ft, coop_text_features(model, context.ctx, ids_ft))
     report = {"tolerance": dataclasses.asdict(tol), "wrapper_vs_encode_text": _wrapper_self_check(clip, context)}
     for file_name, (inputs, expected) in references.items():
         session = _session(bundle_dir / file_name)
@@ -772,13 +836,34 @@ def parity_check(bundle_dir: Path, clip: LoadedClip, context: PromptContext, opt
     return report
 
 
-def _wrapper_self_check(clip: LoadedClip, context: PromptContext) -> dict:
+def deep_reference(model: nn.Module, context: DeepPrompts, ids: torch.Tensor, pixels: torch.Tensor):
+    """Text and image features of the official MaPLe/PromptSRC forward (onnx/fixtures/
+    deep_prompt_reference.py, written from the official code, independent of the graph wrappers),
+    from the checkpoint's own tensors."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+    import deep_prompt_reference as ref
+
+    raw = context.raw
+    if context.method == "maple":
+        shared_ctx, compound_text, visual_deep = ref.maple_prompt_learner(
+            raw["ctx"], raw["proj_weight"], raw["proj_bias"], raw["compound_prompts_text"], raw["compound_projections"])
+        return (ref.maple_text_features(model, raw["ctx"], compound_text, ids),
+                ref.maple_image_features(model, pixels, shared_ctx, visual_deep))
+    return (ref.ivlp_text_features(model, raw["ctx"], raw["text_vpt_shallow"], ids),
+            ref.ivlp_image_features(model, pixels, raw["vpt"], raw["vision_vpt_shallow"]))
+
+
+def _wrapper_self_check(clip: LoadedClip, context: PromptContext | DeepPrompts) -> dict:
     """With the placeholder tokens' own embeddings as context the prompted wrapper must give
-    exactly encode_text: checks that it follows open_clip's code path after the substitution."""
+    exactly encode_text: checks that it follows open_clip's code path after the substitution
+    (for MaPLe/PromptSRC: the block-by-block text wrapper without its deep prompts)."""
     ids = clip.tokenizer([context.template.format(c) for c in PARITY_CLASSES[:4]])
     with torch.no_grad():
         own = clip.model.token_embedding(ids[0, 1 : 1 + context.n_ctx])
-        ours = PromptedTextEncoder(clip.model, own)(ids)
+        if isinstance(context, DeepPrompts):
+            ours = deep_prompts.DeepPromptedTextEncoder(clip.model, own, {})(ids)
+        else:
+            ours = PromptedTextEncoder(clip.model, own)(ids)
         theirs = clip.model.encode_text(ids)
     diff = float((ours - theirs).abs().max())
     if diff > 1e-6 * max(1.0, float(theirs.abs().max())):
@@ -792,7 +877,7 @@ def print_parity(report: dict) -> None:
     print(f"parity vs PyTorch (tolerance: |diff| <= {tol['atol']:g} + {tol['rtol']:g}*max|ref|, "
           f"cosine >= {tol['min_cosine']})")
     print(f"  wrapper vs encode_text (PyTorch): max |diff| {report['wrapper_vs_encode_text']['max_abs_diff']:.2e}")
-    for graph in (IMAGE_FILE, TEXT_ZS_FILE, TEXT_FT_FILE):
+    for graph in _report_graphs(report):
         r = report[graph.removesuffix(".onnx")]
         b = r["batch_1_vs_7"]
         print(f"  {graph:14s} max |diff| {r['max_abs_diff']:.2e} (limit {r['limit']:.1e})  "
@@ -800,9 +885,13 @@ def print_parity(report: dict) -> None:
               f"{'ok' if r['ok'] and b['ok'] else 'FAIL'}")
 
 
+def _report_graphs(report: dict) -> list[str]:
+    return [g for g in (IMAGE_FILE, TEXT_ZS_FILE, TEXT_FT_FILE, IMAGE_FT_FILE) if g.removesuffix(".onnx") in report]
+
+
 def parity_failures(report: dict) -> list[str]:
     failures = []
-    for graph in (IMAGE_FILE, TEXT_ZS_FILE, TEXT_FT_FILE):
+    for graph in _report_graphs(report):
         r = report[graph.removesuffix(".onnx")]
         if not r["ok"]:
             failures.append(f"{graph}: ONNX Runtime differs from PyTorch beyond the tolerance")
@@ -846,18 +935,29 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
 def _write_bundle(tmp: Path, opts: ExportOptions, clip: LoadedClip, context: PromptContext, seconds: dict) -> ExportResult:
     clock = time.perf_counter()
     pixels, ids = example_inputs(clip)
+    if isinstance(context, DeepPrompts):
+        text_ft = deep_prompts.DeepPromptedTextEncoder(clip.model, context.ctx, context.text_layers)
+    else:
+        text_ft = PromptedTextEncoder(clip.model, context.ctx)
     graphs = [
         (ImageEncoder(clip.model), pixels, ("pixel_values", "image_embeds"), IMAGE_FILE, None),
         (TextEncoder(clip.model), ids, ("input_ids", "text_embeds"), TEXT_ZS_FILE, None),
-        (PromptedTextEncoder(clip.model, context.ctx), ids, ("input_ids", "text_embeds"), TEXT_FT_FILE, context),
+        (text_ft, ids, ("input_ids", "text_embeds"), TEXT_FT_FILE, context),
     ]
-    fusion = {}
+    if isinstance(context, DeepPrompts):
+        image_ft = deep_prompts.DeepPromptedImageEncoder(clip.model, context.vision_prompt, context.vision_layers)
+        graphs.append((image_ft, pixels, ("pixel_values", "image_embeds"), IMAGE_FT_FILE, context))
+    fusion, fusion_ft = {}, {}
     for module, example, names, file_name, ctx in graphs:
-        if file_name == IMAGE_FILE and opts.fuse_attention:
+        if file_name in (IMAGE_FILE, IMAGE_FT_FILE) and opts.fuse_attention:
             with fusable_image_attention(clip.model) as blocks:
                 export_graph(module, example, names, tmp / file_name, opts.opset)
             if blocks:
-                fusion = fuse_image_graph(tmp / file_name, clip.model, blocks)
+                if file_name == IMAGE_FT_FILE:
+                    print(f"{IMAGE_FT_FILE}:")
+                    fusion_ft = fuse_image_graph(tmp / file_name, clip.model, blocks)
+                else:
+                    fusion = fuse_image_graph(tmp / file_name, clip.model, blocks)
         else:
             export_graph(module, example, names, tmp / file_name, opts.opset)
         finalize_graph(tmp / file_name, _graph_metadata(clip, ctx, file_name.removesuffix(".onnx")), opts.fp16)
@@ -868,6 +968,7 @@ def _write_bundle(tmp: Path, opts: ExportOptions, clip: LoadedClip, context: Pro
     (tmp / MANIFEST_FILE).write_text(render_manifest(manifest), encoding="utf-8")
     result = ExportResult(tmp, clip, context, {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}, seconds)
     result.fusion = fusion
+    result.fusion_ft = fusion_ft
 
     if opts.parity:
         clock = time.perf_counter()
@@ -952,11 +1053,17 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     model.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
     ft = p.add_argument_group("fine-tuned model")
     ft.add_argument("--prompt-learner", type=Path,
-                    help="CoOp/KgCoOp/ProGrad Dassl checkpoint (prompt_learner/model.pth.tar-N) or project "
+                    help="CoOp/KgCoOp/ProGrad Dassl checkpoint (prompt_learner/model.pth.tar-N), MaPLe/PromptSRC Dassl checkpoint "
+                         "(MultiModalPromptLearner/ or VLPromptLearner/model.pth.tar-N), or project "
                          ".safetensors (docs/FORMATS.md section 2); without it the context is the untrained "
                          f'"{PLACEHOLDER_CONTEXT_INIT}" and the fine-tuned model equals the zero-shot one')
-    ft.add_argument("--method", help=f"method name for the manifest ({', '.join(PROMPT_LEARNER_METHODS)}, ...); "
-                                     "default: the file's metadata, else coop")
+    ft.add_argument("--method", help=f"method name for the manifest ({', '.join(PROMPT_LEARNER_METHODS)}, ...), or "
+                                     f"{'|'.join(DEEP_PROMPT_METHODS)} for a MaPLe/PromptSRC Dassl checkpoint (also "
+                                     "recognised from its keys); default: the file's metadata, else coop")
+    ft.add_argument("--ctx-init", default=deep_prompts.DEFAULT_CTX_INIT,
+                    help="MaPLe/PromptSRC: the training config's TRAINER CTX_INIT (default "
+                         f'"{deep_prompts.DEFAULT_CTX_INIT}", the official configs\' value; "" when it was empty); '
+                         "checked against the checkpoint's token_suffix")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     out.add_argument("--name", help="bundle name in the manifest (default: the --out directory name)")

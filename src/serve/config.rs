@@ -877,6 +877,11 @@ mod tests {
         assert_eq!(config.model.options.decode, DecodeMode::Scaled, "serve decodes large frames at a reduced scale");
         let exact = parse_text(&MINIMAL.replace("[model]", "[model]\ndecode = \"exact\"")).expect("valid");
         assert_eq!(exact.model.options.decode, DecodeMode::Exact);
+        assert_eq!(config.model.options.encoder_schedule, crate::EncoderSchedule::Concurrent);
+        let sequential = parse_text(&MINIMAL.replace("[model]", "[model]\nencoder_schedule = \"sequential\"")).expect("valid");
+        assert_eq!(sequential.model.options.encoder_schedule, crate::EncoderSchedule::Sequential);
+        let wrong = parse_text(&MINIMAL.replace("[model]", "[model]\nencoder_schedule = \"both\"")).map(|_| ()).unwrap_err();
+        assert!(wrong.to_string().contains("model.encoder_schedule"), "{wrong}");
         let camera = &config.cameras[0];
         assert_eq!(camera.source, SourceSpec::Folder("/etc/cac-edge/in".into()));
         assert_eq!((camera.fps, camera.debounce, camera.enabled), (2.0, 3, true));
