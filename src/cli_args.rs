@@ -108,6 +108,7 @@ impl RuntimeArgs {
         SessionOptions {
             device: self.device,
             intra_threads: self.threads.map(usize::from),
+            intra_op_spinning: true,
             cuda_device_id: self.gpu,
             tensorrt_fp16: self.tensorrt_fp16,
             tensorrt_workspace: self.tensorrt_workspace.map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX)),

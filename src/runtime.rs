@@ -159,6 +159,10 @@ pub struct SessionOptions {
     pub device: Device,
     /// Intra-op threads; `None` lets ONNX Runtime decide (all physical cores).
     pub intra_threads: Option<usize>,
+    /// Let the intra-op threads spin for a while after a run, waiting for the next (ONNX
+    /// Runtime's default). Off where two sessions take turns on the same cores: the first
+    /// session's spinning threads would take the cores the second one needs.
+    pub intra_op_spinning: bool,
     /// The GPU for CUDA and TensorRT.
     pub cuda_device_id: i32,
     /// TensorRT: build FP16 engines.
@@ -179,6 +183,7 @@ impl Default for SessionOptions {
         SessionOptions {
             device: Device::Auto,
             intra_threads: None,
+            intra_op_spinning: true,
             cuda_device_id: 0,
             tensorrt_fp16: false,
             tensorrt_workspace: None,
@@ -320,6 +325,9 @@ impl Runtime {
             .map_err(|error| session_error(error.into()))?;
         if let Some(threads) = options.intra_threads {
             builder = builder.with_intra_threads(threads).map_err(|error| session_error(error.into()))?;
+        }
+        if !options.intra_op_spinning {
+            builder = builder.with_intra_op_spinning(false).map_err(|error| session_error(error.into()))?;
         }
         let providers = provider_list(provider, options, engine_cache);
         if !providers.is_empty() {

@@ -16,6 +16,10 @@ whose order is rotated every round, so that a change of machine load hits all al
                     Runtime's parallel executor (2 inter-op threads × half the cores)
   one-graph-sequential  the same graph, sequential executor, every core
 
+`--make-vit-b-32-maple` first builds onnx/bench/work/vit-b-32-maple (git-ignored) and measures it:
+open_clip ViT-B-32 with random weights (seed 0) and a random MaPLe prompt learner of the official
+configs' shape (N_CTX 2, PROMPT_DEPTH 9) in the official Dassl layout, exported by onnx/export.py.
+
 Reported: median ms per batch and the ratio to ft-alone (the price of calibration on the bare
 encoders; cac-edge `bench` reports the same as (a')/(a), and (c)/(b) on the whole pipeline).
 Results: onnx/bench/work/two-encoders-<bundle name>.json. Only meaningful on a quiet machine.
@@ -90,10 +94,36 @@ def one_graph(zero_shot: Path, fine_tuned: Path, out: Path) -> dict:
     return {"shared_initializer_bytes": shared_bytes, "own_fine_tuned_initializers": len(kept)}
 
 
+def make_vit_b_32_maple(out: Path) -> Path:
+    """A ViT-B-32-sized MaPLe bundle: random CLIP weights, a random official-layout prompt learner."""
+    if (out / "bundle.toml").is_file():
+        return out
+    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE.parent / "fixtures"))
+    import export
+    import make_deep_prompt_bundles as fixtures
+    import torch
+
+    clip_args = ["--arch", "ViT-B-32", "--random-weights", "--seed", "0"]
+    clip = export.load_clip(export.parse_args(clip_args + ["--out", str(out)]))
+    spec = dict(fixtures.MAPLE, n_ctx=2, depth=9)  # the official vit_b16_c2_ep5_batch4_2ctx config
+    state = fixtures.maple_prompt_state(clip.model, clip.tokenizer, spec)
+    state["logit_scale"] = clip.model.logit_scale.detach().clone()
+    learner = WORK / "vit-b-32-maple-learner" / "MultiModalPromptLearner" / "model.pth.tar-5"
+    learner.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(fixtures.dassl_checkpoint(spec, state), learner)
+    log(f"exporting {out} (a few minutes)")
+    export.export_bundle(export.parse_args(clip_args + ["--prompt-learner", str(learner), "--out", str(out)]))
+    return out
+
+
 def session(path: Path, intra: int, parallel: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra
+    # Without this, the threads of the session that ran last spin on the cores the next one
+    # needs (cac-edge turns spinning off for the same reason wherever two encoders take turns).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if parallel:
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         options.inter_op_num_threads = 2
@@ -155,11 +185,17 @@ def measure(all_forms: dict, batch: int, rounds: int, size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, nargs="?", help="a bundle with image_ft.onnx")
+    p.add_argument("--make-vit-b-32-maple", action="store_true",
+                   help="build (once) and measure onnx/bench/work/vit-b-32-maple instead of BUNDLE")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads of a full-width session")
     args = p.parse_args(argv)
+    if args.make_vit_b_32_maple:
+        args.bundle = make_vit_b_32_maple(WORK / "vit-b-32-maple")
+    if args.bundle is None:
+        p.error("give a BUNDLE or --make-vit-b-32-maple")
     manifest = tomllib.loads((args.bundle / "bundle.toml").read_text())
     if "image_encoder" not in manifest.get("fine_tuned", {}):
         print(f"error: {args.bundle}: no [fine_tuned] image_encoder; export a MaPLe or PromptSRC bundle", file=sys.stderr)

@@ -8,10 +8,12 @@ Stages (all seeds fixed):
   2. render the evaluation images of all 100 classes (16 shots, 20 validation, 40 test each).
   3. per class split s = 0..4: base = 30 seen classes, validation-new = 15 and test-new = 15
      disjoint held-out classes; CoOp (lr 0.002), CoOp-strong (lr 0.5) and KgCoOp (lr 0.5) on 16
-     shots per base class; each prompt learner exported with onnx/export.py into a bundle (split 0
-     CoOp-strong is the committed bundle onnx/demo).
+     shots per base class, and MaPLe (maple.py; its lr chosen on split 0's validation, saved as an
+     official Dassl checkpoint); each prompt learner exported with onnx/export.py into a bundle
+     (MaPLe with --method maple; split 0 CoOp-strong is the committed bundle onnx/demo).
   4. every number from the exported ONNX graphs through onnxruntime; calibration choices (TS
-     temperature, CAC variant and parameters) made on base validation and validation-new only.
+     temperature, CAC variant and parameters) made on base validation and validation-new only
+     (the CAC setting on the three CoOp-family variants; MaPLe's rows use that same setting).
   5. onnx/demo/REPORT.md, reliability diagrams, the sample image set, classes.txt, base.txt.
 """
 
