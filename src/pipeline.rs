@@ -239,11 +239,7 @@ pub struct ImageEmbeddings {
 pub struct Classifier {
     bundle: Bundle,
     cache: TextFeatureCache,
-    image_zs: Encoder,
-    image_ft: Option<Encoder>,
-    /// The bundle has its own fine-tuned image encoder and nothing reads the zero-shot logits:
-    /// the zero-shot image encoder is not run.
-    skips_zero_shot_image: bool,
+    encoders: ImageEncoders,
     preprocess: PreprocessConfig,
     calibration: Calibration,
     threshold: Threshold,
@@ -294,7 +290,7 @@ impl Classifier {
         });
         let (cache, calibration, threshold) = checked?;
         verified?;
-        let (image_zs, image_ft) = opened?;
+        let encoders = opened?;
         check_calibration_path(&bundle, &cache, &options)?;
         if options.use_verification_stamp {
             let mut stamp = stamp.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -304,13 +300,13 @@ impl Classifier {
             }
         }
         let runtime = Arc::clone(runtime);
-        let skips_zero_shot_image = image_ft.is_some() && !runs_both && !calibration.reads_zero_shot_logits();
+        if matches!(encoders, ImageEncoders::FineTunedOnly(_)) && calibration.reads_zero_shot_logits() {
+            return Err(PipelineError::Option("internal: CAC without the zero-shot image encoder".into()));
+        }
         Ok(Classifier {
             bundle,
             cache,
-            image_zs,
-            image_ft,
-            skips_zero_shot_image,
+            encoders,
             preprocess,
             calibration,
             threshold,
@@ -341,7 +337,10 @@ impl Classifier {
 
     /// The execution provider the image encoder runs on.
     pub fn device(&self) -> &ChosenDevice {
-        self.image_zs.device()
+        match &self.encoders {
+            ImageEncoders::Shared(encoder) | ImageEncoders::FineTunedOnly(encoder) => encoder.device(),
+            ImageEncoders::Both { zero_shot, .. } => zero_shot.device(),
+        }
     }
 
     /// The inference path this classifier runs, as `eval` records it beside what it fits.
@@ -536,14 +535,17 @@ impl Classifier {
     /// has two and the calibration reads the zero-shot logits, as the schedule says; else the
     /// one the calibration needs): what `bench` times as the bare encoder.
     pub(crate) fn encode_pixels(&mut self, pixels: ArrayView4<'_, f32>) -> Result<ImageEmbeddings, PipelineError> {
-        let Some(image_ft) = self.image_ft.as_mut() else {
-            return Ok(ImageEmbeddings { zero_shot: self.image_zs.encode_images(pixels)?, fine_tuned: None });
+        let (image_zs, image_ft) = match &mut self.encoders {
+            ImageEncoders::Shared(encoder) => {
+                return Ok(ImageEmbeddings { zero_shot: encoder.encode_images(pixels)?, fine_tuned: None });
+            }
+            ImageEncoders::FineTunedOnly(encoder) => {
+                let fine_tuned = encoder.encode_images(pixels)?;
+                let skipped = Array2::zeros((0, fine_tuned.ncols()));
+                return Ok(ImageEmbeddings { zero_shot: skipped, fine_tuned: Some(fine_tuned) });
+            }
+            ImageEncoders::Both { zero_shot, fine_tuned } => (zero_shot, fine_tuned),
         };
-        if self.skips_zero_shot_image {
-            let fine_tuned = image_ft.encode_images(pixels)?;
-            return Ok(ImageEmbeddings { zero_shot: Array2::zeros((0, fine_tuned.ncols())), fine_tuned: Some(fine_tuned) });
-        }
-        let image_zs = &mut self.image_zs;
         let (zero_shot, fine_tuned) = match self.options.encoder_schedule {
             EncoderSchedule::Sequential => (image_zs.encode_images(pixels), image_ft.encode_images(pixels)),
             EncoderSchedule::Concurrent => std::thread::scope(|scope| {
@@ -665,14 +667,25 @@ fn check_calibration_path(bundle: &Bundle, cache: &TextFeatureCache, options: &C
     Ok(())
 }
 
-/// The image encoder sessions (the fine-tuned one if the bundle has it).
+/// The image encoder sessions a classifier runs.
+enum ImageEncoders {
+    /// One image encoder shared by both models (CoOp, KgCoOp, ProGrad).
+    Shared(Encoder),
+    /// The bundle's own fine-tuned image encoder and the zero-shot one, for CAC (or `eval`).
+    Both { zero_shot: Encoder, fine_tuned: Encoder },
+    /// The fine-tuned image encoder alone: the calibration never reads the zero-shot logits,
+    /// so the zero-shot session is not even created.
+    FineTunedOnly(Encoder),
+}
+
+/// The image encoder sessions `runs_both` asks for (see [`ImageEncoders`]).
 fn open_image_encoders(
     runtime: &Runtime,
     bundle: &Bundle,
     options: &ClassifierOptions,
     image_size: u32,
     runs_both: bool,
-) -> Result<(Encoder, Option<Encoder>), PipelineError> {
+) -> Result<ImageEncoders, PipelineError> {
     let (zero_shot, fine_tuned) = bundle.image_encoder_names(options.precision)?;
     let per_image = bundle.is_batch_dependent(options.precision);
     let mut session = options.session.clone();
@@ -682,7 +695,8 @@ fn open_image_encoders(
             session.intra_threads = Some((cores / 2).max(1));
         }
         // Spinning threads of the session that just ran would hold the cores the other needs:
-        // in turn, the second run took 1.5x its time at batch 1 on a 2-core machine.
+        // in turn, the two took 3.0x one encoder's time at batch 1 on a 2-core machine, 2.0x
+        // without spinning (BENCHMARKS.md).
         session.intra_op_spinning = false;
     }
     let open = |name: &str| {
@@ -691,9 +705,11 @@ fn open_image_encoders(
         let encoder = Encoder::open_image_of(runtime, &path, sha256, &session, image_size, bundle.embed_dim())?;
         Ok::<_, PipelineError>(if per_image { encoder.one_image_per_run() } else { encoder })
     };
-    let image_zs = open(zero_shot)?;
-    let image_ft = fine_tuned.map(open).transpose()?;
-    Ok((image_zs, image_ft))
+    Ok(match fine_tuned {
+        None => ImageEncoders::Shared(open(zero_shot)?),
+        Some(fine_tuned) if runs_both => ImageEncoders::Both { zero_shot: open(zero_shot)?, fine_tuned: open(fine_tuned)? },
+        Some(fine_tuned) => ImageEncoders::FineTunedOnly(open(fine_tuned)?),
+    })
 }
 
 /// A logit row as a slice: rows of the owned, standard-layout logit matrices are contiguous,
