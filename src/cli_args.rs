@@ -11,8 +11,8 @@ use cac_edge::inputs::{scan, Scan, ScanOptions, SkipReason};
 use cac_edge::preprocess::DecodeMode;
 use cac_edge::runtime::MAX_INTRA_THREADS;
 use cac_edge::{
-    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, EncoderSchedule, Precision,
-    SessionOptions,
+    CalibrationMethod, CalibrationSettings, ClassifierOptions, ContrastDistance, DecodeLimits, Device, EncoderSchedule,
+    Precision, SessionOptions,
 };
 
 pub(crate) const MODEL: &str = "Model";

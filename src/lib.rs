@@ -70,7 +70,9 @@ pub mod tooling;
 pub use bundle::Precision;
 pub use calibrate::{CacParams, Calibration, CalibrationMethod, CalibrationSettings, ContrastDistance};
 pub use decide::Decision;
-pub use pipeline::{Classifier, ClassifierOptions, EncoderSchedule, ImageEmbeddings, PipelineError as Error, Prediction, RankedClass};
+pub use pipeline::{
+    Classifier, ClassifierOptions, EncoderSchedule, ImageEmbeddings, PipelineError as Error, Prediction, RankedClass,
+};
 pub use preprocess::DecodeLimits;
 pub use runtime::{ChosenDevice, Device, Provider, Runtime, SessionOptions};
 pub use threshold::{Threshold, ThresholdSource};

@@ -303,16 +303,7 @@ impl Classifier {
         if matches!(encoders, ImageEncoders::FineTunedOnly(_)) && calibration.reads_zero_shot_logits() {
             return Err(PipelineError::Option("internal: CAC without the zero-shot image encoder".into()));
         }
-        Ok(Classifier {
-            bundle,
-            cache,
-            encoders,
-            preprocess,
-            calibration,
-            threshold,
-            options,
-            _runtime: runtime,
-        })
+        Ok(Classifier { bundle, cache, encoders, preprocess, calibration, threshold, options, _runtime: runtime })
     }
 
     /// The bundle.
