@@ -134,8 +134,8 @@ pub struct ClassifierOptions {
 #[serde(rename_all = "lowercase")]
 pub enum EncoderSchedule {
     /// Both at once on two threads. Unless the intra-op threads are set, each session gets half
-    /// the cores: two half-width runs side by side use the cores better than two full-width runs
-    /// in turn, because a single image's run does not scale to every core (BENCHMARKS.md).
+    /// the cores. Measured the fastest form on a 2-core CPU (BENCHMARKS.md), and more so where
+    /// one image's run does not scale to every core.
     #[default]
     Concurrent,
     /// One after the other, each session with every core.

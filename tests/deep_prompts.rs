@@ -187,7 +187,8 @@ fn calibrations_that_ignore_the_zero_shot_logits_skip_the_zero_shot_pass() {
     }
 
     // What eval asks for: both passes whatever the calibration.
-    let both = ClassifierOptions { encode_both_images: true, ..options(CalibrationMethod::None, EncoderSchedule::Sequential, cpu()) };
+    let both =
+        ClassifierOptions { encode_both_images: true, ..options(CalibrationMethod::None, EncoderSchedule::Sequential, cpu()) };
     let logits = open(both).logits(&frames).unwrap();
     assert!(max_abs_diff(&logits.zero_shot, &matrix(&reference, "logits_zs")) < LOGIT_TOLERANCE);
 }
@@ -245,8 +246,19 @@ fn cache_classify_eval_bench_and_doctor_run_on_deep_prompt_bundles() {
         let out = dir.path().join("report");
         let labels = labelled_photos(dir.path());
         let output = cac_edge(&[
-            "eval", "--device", "cpu", "--bins", "5", "--bundle", bundle_arg, "--cache", cache_arg,
-            "--images", labels.to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "eval",
+            "--device",
+            "cpu",
+            "--bins",
+            "5",
+            "--bundle",
+            bundle_arg,
+            "--cache",
+            cache_arg,
+            "--images",
+            labels.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
         ]);
         assert!(output.status.success(), "{bundle_name}: eval: {}", text(&output.stderr));
         let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -282,7 +294,7 @@ fn cache_classify_eval_bench_and_doctor_run_on_deep_prompt_bundles() {
 
 #[test]
 fn serve_classifies_frames_with_both_image_encoders_like_classify() {
-    use common::served::{free_port, Served};
+    use common::served::{free_port, write_config_for, Served};
     let (bundle_name, _) = BUNDLES[0];
     let bundle = fixture(bundle_name);
     let dir = tempfile::tempdir().unwrap();
@@ -291,17 +303,9 @@ fn serve_classifies_frames_with_both_image_encoders_like_classify() {
     assert!(built.status.success(), "{}", text(&built.stderr));
     std::fs::create_dir(dir.path().join("in")).unwrap();
     let port = free_port();
-    let config = dir.path().join("serve.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[model]\nbundle = \"{}\"\ncache = \"{}\"\ndevice = \"cpu\"\nthreshold = 0.0\nencoder_schedule = \"concurrent\"\n\n\
-             [service]\nhttp = \"127.0.0.1:{port}\"\n\n[[camera]]\nname = \"drop\"\nsource = \"folder:in\"\nfps = 50\n",
-            bundle.display(),
-            cache.display()
-        ),
-    )
-    .unwrap();
+    let model = "threshold = 0.0\nencoder_schedule = \"concurrent\"";
+    let camera = "[[camera]]\nname = \"drop\"\nsource = \"folder:in\"\nfps = 50\n";
+    let config = write_config_for(&bundle, dir.path(), cache.to_str().unwrap(), port, model, "", camera);
     let served = Served::start(&config, port);
     for name in ["chelsea.png", "rocket.jpg"] {
         let photo = fixture("images/photos").join(name);

@@ -149,10 +149,23 @@ pub fn get_with_headers(port: u16, path: &str) -> Option<(u16, String, Vec<u8>)>
 
 /// A config for the test bundle with `cameras` (TOML `[[camera]]` tables) and `extra` tables.
 pub fn write_config(dir: &Path, cache: &str, port: u16, model_extra: &str, service_extra: &str, cameras: &str) -> PathBuf {
+    write_config_for(&bundle_dir(), dir, cache, port, model_extra, service_extra, cameras)
+}
+
+/// [`write_config`] for another bundle.
+pub fn write_config_for(
+    bundle: &Path,
+    dir: &Path,
+    cache: &str,
+    port: u16,
+    model_extra: &str,
+    service_extra: &str,
+    cameras: &str,
+) -> PathBuf {
     let config = dir.join("serve.toml");
     let text = format!(
         "[model]\nbundle = \"{}\"\ncache = \"{cache}\"\ndevice = \"cpu\"\nthreads = 1\n{model_extra}\n\n[service]\nhttp = \"127.0.0.1:{port}\"\n{service_extra}\n\n{cameras}\n",
-        bundle_dir().display()
+        bundle.display()
     );
     std::fs::write(&config, text).expect("write config");
     config
