@@ -914,6 +914,9 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
     clock = time.perf_counter()
     clip = load_clip(opts)
     context = load_prompt_learner(opts, clip)
+    if opts.quantize and isinstance(context, DeepPrompts):
+        raise ExportError(f"--quantize covers the zero-shot image encoder only, and a {context.method} bundle's "
+                          "--precision int8 would need image_ft.onnx quantised too; export without --quantize")
     if opts.prompt_learner is None:
         print(f"warning: no --prompt-learner: text_ft.onnx uses the untrained context \"{PLACEHOLDER_CONTEXT_INIT}\", "
               "so the fine-tuned model equals the zero-shot one (a valid bundle for testing only)", file=sys.stderr)

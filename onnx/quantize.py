@@ -328,6 +328,9 @@ def add_int8_variant(bundle_dir: Path, method: str, calibration_dir: Path | None
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") not in (
             BUNDLE_FORMAT_VERSION, BUNDLE_FORMAT_VERSION_VARIANTS):
         raise ExportError(f"{manifest_path}: not a cac-edge bundle of format version 1 or 2")
+    if "image_encoder" in manifest.get("fine_tuned", {}):
+        raise ExportError(f"{manifest_path}: the fine-tuned model has its own image encoder (MaPLe/PromptSRC); only the "
+                          "zero-shot one would be quantised and --precision int8 needs both, so no variant is added")
     section = "zero_shot"
     fp32_file = manifest[section]["image_encoder"]
     if sha256_file(bundle_dir / fp32_file) != manifest["files"].get(fp32_file):
