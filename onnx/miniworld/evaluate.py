@@ -735,6 +735,7 @@ def honest_notes(results, choice):
     dep_const = next(v for k, v in dep.items() if k.startswith("CoOp-strong + constant"))
     dep_chosen = next(v for k, v in dep.items() if k.startswith("CoOp-strong + CAC (chosen"))
     strong_new, _ = mean("CoOp-strong", "testnew")
+    coop_new, _ = mean("CoOp", "testnew")  # the loop above left coop_new at its last reference method's value
     cand = {describe(m) if m is not PAPER else "paper": obj for obj, m in choice["candidates"]}
     const_obj = cand[describe(choice["constant"])]
     best_obj = cand[describe(choice["cac"])]
@@ -794,6 +795,11 @@ def maple_notes(results, mean):
         "MaPLe (text and image prompts; \"about the same\" below means a mean difference within the",
         "split-to-split std of the per-split differences):",
         "",
+        f"- **In short:** MaPLe's new-class ECE ({m_new:.1f}) is {word} CoOp's ({c_new:.1f}; zero-shot"
+        f" {mean('Zero-shot', 'testnew')[0]:.1f}); CAC",
+        f"  with the paper defaults brings it to {mean('MaPLe + CAC (paper', 'testnew')[0]:.1f} and the chosen CAC to"
+        f" {mean('MaPLe + CAC (chosen', 'testnew')[0]:.1f} (TS, which needs labelled",
+        f"  base-class images: {mean('MaPLe + TS', 'testnew')[0]:.1f}).",
         f"- **New-class ECE vs CoOp.** MaPLe's test-new ECE is {m_new:.1f}, {word} CoOp's {c_new:.1f} (difference",
         f"  {d:+.1f} ± {sd:.1f} over splits, lower on {lower}/{n}) and {word2} CoOp-strong's {s_new:.1f} ({d2:+.1f} ± {sd2:.1f},",
         f"  lower on {lower2}/{n}); zero-shot {mean('Zero-shot', 'testnew')[0]:.1f}. Accuracy: test-new {acc('MaPLe', 'testnew'):.1f}",
@@ -855,7 +861,7 @@ def runtime_check(r, demo, cac):
                                               np.abs(cache_text[1] - r["onnx_text"][COMMITTED][ids]).max()))}
     for name, m in (("paper", PAPER), ("chosen", cac)):
         probs = calib.softmax(l_ft, calib.weights(m, l_ft, l_zs, np.ones(len(ids))))
-        rt = [out[name].get(os.path.join(demo, p)) for p, _, _ in rows]
+        rt = [out[name].get(os.path.join(demo, "images", p)) for p, _, _ in rows]  # labels.csv paths are relative to images/
         rt_label = [x["label"] if x else None for x in rt]
         rt_conf = np.array([x["confidence"] if x else np.nan for x in rt])
         report[name] = {
