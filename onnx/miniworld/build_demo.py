@@ -115,6 +115,7 @@ def main(argv=None):
 
     import evaluate
     results = []
+    eval_report = evaluate.PreservedEvalReport(DEMO)
     with stage("3 prompt learning + export"):
         for s in range(args.splits):
             base, valnew, testnew = split_classes(s)
@@ -128,8 +129,10 @@ def main(argv=None):
     with stage("5 demo files + report"):
         evaluate.write_demo_files(results[0], DEMO)
         evaluate.write_bundle_calibration(DEMO, choice["cac"])
+        evaluate.add_demo_int8_variant(DEMO)
         import select_clear_examples
         select_clear_examples.main()
+        eval_report.restore()
         check = evaluate.check_committed_bundle(results[0], ckpt, sets)
         try:
             check["runtime"] = evaluate.runtime_check(results[0], DEMO, choice["cac"])

@@ -72,8 +72,10 @@ def EXPORT_ARGS(ckpt, prompt_learner, out_dir, name, method):  # noqa: N802
         from safetensors.torch import save_file
         sd = torch.load(ckpt, map_location="cpu")["state_dict"]
         save_file({k: v.contiguous() for k, v in sd.items()}, state)
+    # Unfused attention: the committed demo's graphs are, and on a 32-px, 64-wide model the fused
+    # form gains nothing (BENCHMARKS.md); a fused export changes the last digits of some numbers.
     return ["--model-config", common.CONFIG_PATH, "--checkpoint", state, "--prompt-learner", prompt_learner,
-            "--method", method, "--out", out_dir, "--name", name, "--force"]
+            "--method", method, "--out", out_dir, "--name", name, "--force", "--no-fuse-attention"]
 
 
 def train_and_export(s, base, valnew, testnew, ckpt, sets, args):
@@ -430,6 +432,47 @@ def write_bundle_calibration(demo, cac):
             "\n[calibration]  # chosen on base-validation + validation-new only (REPORT.md)\n"
             f'method = "cac"\ndistance = "{cac["distance"]}"\nalpha = {cac["alpha"]:g}\nk = {cac["k"]:g}\n'
         )
+
+
+def add_demo_int8_variant(demo):
+    """The committed demo's int8-dynamic image encoder, made as `onnx/quantize.py onnx/demo --method
+    int8-dynamic` makes it (parity on the demo's own images and classes), after the [calibration]
+    table so that the manifest's table order is the committed one."""
+    sys.path.insert(0, os.path.join(ROOT, "onnx"))
+    import quantize
+    from pathlib import Path
+
+    quantize.add_int8_variant(Path(demo), "int8-dynamic", None, None, None, force=False, force_parity_fail=False)
+
+
+class PreservedEvalReport:
+    """`eval-report/` is written by `cac-edge eval` on the committed bundle, and the export of
+    stage 3 replaces the whole demo directory. It is kept aside and put back if the rebuilt
+    bundle.toml (every file's sha256, the [calibration] table) is byte-identical to the one it was
+    made for; otherwise it is left out and the command that regenerates it is printed."""
+
+    def __init__(self, demo):
+        self.demo, self.saved = demo, os.path.join(common.WORK, "eval-report.saved")
+        self.manifest = None
+        report, manifest = os.path.join(demo, "eval-report"), os.path.join(demo, "bundle.toml")
+        shutil.rmtree(self.saved, ignore_errors=True)
+        if os.path.isdir(report) and os.path.isfile(manifest):
+            shutil.copytree(report, self.saved)
+            with open(manifest, "rb") as f:
+                self.manifest = f.read()
+
+    def restore(self):
+        if self.manifest is None:
+            return
+        with open(os.path.join(self.demo, "bundle.toml"), "rb") as f:
+            unchanged = f.read() == self.manifest
+        target = os.path.join(self.demo, "eval-report")
+        if unchanged and not os.path.exists(target):
+            shutil.copytree(self.saved, target)
+            print("eval-report/: the bundle is unchanged, its report kept", flush=True)
+        elif not unchanged:
+            print("eval-report/: the bundle changed; regenerate the report with the command in REPORT.md "
+                  "(section `cac-edge eval` on the sample images)", flush=True)
 
 
 def check_committed_bundle(r, ckpt, sets):
