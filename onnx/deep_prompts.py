@@ -182,7 +182,7 @@ def _tensor(state: dict, key: str, path: Path, method: str) -> torch.Tensor:
         raise ExportError(
             f"{path}: no tensor '{key}' in state_dict (keys: {sorted(k for k in state if 'prompt' in k or 'VPT' in k)[:12]}); "
             f"the file is incomplete or not a {method_label(method)} checkpoint (pass the Dassl file "
-            f"{_official_file(method)})"
+            f"{official_file(method)})"
         )
     if not value.is_floating_point():
         raise ExportError(f"{path}: '{key}' must be floating point, got {value.dtype}")
@@ -193,7 +193,7 @@ def method_label(method: str) -> str:
     return {"maple": "MaPLe", "promptsrc": "PromptSRC"}.get(method, method)
 
 
-def _official_file(method: str) -> str:
+def official_file(method: str) -> str:
     return {"maple": "MultiModalPromptLearner/model.pth.tar-<epoch>",
             "promptsrc": "VLPromptLearner/model.pth.tar-<epoch>"}.get(method, "prompt_learner/model.pth.tar-<epoch>")
 

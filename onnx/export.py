@@ -77,8 +77,6 @@ PLACEHOLDER_TOKEN = "X"
 # Without a prompt learner the context starts as CoOp's usual `CTX_INIT`.
 PLACEHOLDER_CONTEXT_INIT = "a photo of a"
 PROMPT_LEARNER_METHODS = ("coop", "kgcoop", "prograd")
-# Deep-prompt methods (onnx/deep_prompts.py): their own image graph, image_ft.onnx.
-DEEP_PROMPT_METHODS = DEEP_METHODS
 CLIP_VOCAB_SIZE = 49408
 
 
@@ -287,11 +285,11 @@ def _preprocess_config(model: nn.Module, model_name: str) -> dict:
 def load_prompt_learner(opts: ExportOptions, clip: LoadedClip) -> PromptContext | DeepPrompts:
     """The learned context from --prompt-learner, or the placeholder one without it. A MaPLe or
     PromptSRC Dassl checkpoint (recognised by its keys) gives DeepPrompts (onnx/deep_prompts.py)."""
-    wants_deep = opts.method in DEEP_PROMPT_METHODS
+    wants_deep = opts.method in DEEP_METHODS
     if opts.prompt_learner is None:
         if wants_deep:
             raise ExportError(f"--method {opts.method} needs --prompt-learner: the official Dassl checkpoint "
-                              f"({deep_prompts._official_file(opts.method)})")
+                              f"({deep_prompts.official_file(opts.method)})")
         context = placeholder_context(clip)
     else:
         path = opts.prompt_learner
@@ -300,18 +298,18 @@ def load_prompt_learner(opts: ExportOptions, clip: LoadedClip) -> PromptContext 
         if path.suffix == ".safetensors":
             if wants_deep:
                 raise ExportError(f"{path}: --method {opts.method} reads the official Dassl checkpoint "
-                                  f"({deep_prompts._official_file(opts.method)}), not a .safetensors context")
+                                  f"({deep_prompts.official_file(opts.method)}), not a .safetensors context")
             context = _read_project_prompt_learner(path)
         else:
             checkpoint, state = _read_dassl_checkpoint(path)
             detected = deep_prompts.detect_method(state, path)
-            if detected in DEEP_PROMPT_METHODS:
+            if detected in DEEP_METHODS:
                 return _deep_prompt_learner(opts, clip, path, checkpoint, state, detected)
             if wants_deep:
                 raise ExportError(
                     f"{path}: --method {opts.method} but the file has no {deep_prompts.method_label(opts.method)} "
                     "prompts (only a CoOp-style 'ctx'); pass the "
-                    f"{deep_prompts._official_file(opts.method)} file, or --method coop for a CoOp/KgCoOp/ProGrad one"
+                    f"{deep_prompts.official_file(opts.method)} file, or --method coop for a CoOp/KgCoOp/ProGrad one"
                 )
             context = _coop_context(path, checkpoint, state)
     if opts.method:
@@ -1061,7 +1059,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                          ".safetensors (docs/FORMATS.md section 2); without it the context is the untrained "
                          f'"{PLACEHOLDER_CONTEXT_INIT}" and the fine-tuned model equals the zero-shot one')
     ft.add_argument("--method", help=f"method name for the manifest ({', '.join(PROMPT_LEARNER_METHODS)}, ...), or "
-                                     f"{'|'.join(DEEP_PROMPT_METHODS)} for a MaPLe/PromptSRC Dassl checkpoint (also "
+                                     f"{'|'.join(DEEP_METHODS)} for a MaPLe/PromptSRC Dassl checkpoint (also "
                                      "recognised from its keys); default: the file's metadata, else coop")
     ft.add_argument("--ctx-init", default=deep_prompts.DEFAULT_CTX_INIT,
                     help="MaPLe/PromptSRC: the training config's TRAINER CTX_INIT (default "

@@ -142,16 +142,6 @@ pub enum EncoderSchedule {
     Sequential,
 }
 
-impl EncoderSchedule {
-    /// `"concurrent"` or `"sequential"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            EncoderSchedule::Concurrent => "concurrent",
-            EncoderSchedule::Sequential => "sequential",
-        }
-    }
-}
-
 impl std::str::FromStr for EncoderSchedule {
     type Err = String;
 

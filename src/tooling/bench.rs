@@ -523,7 +523,10 @@ pub fn run_bench(
     let all_variants = variants(others.len(), classifiers[0].bundle().image_ft_path().is_some());
     let mut prepared = Vec::new();
     for &batch_size in &options.batch_sizes {
-        prepared.push(prepare(&mut classifiers[0], &frames, &used_paths, &config, batch_size, all_variants.len())?);
+        // The CAC classifier computes every embedding the stages need: with a fine-tuned image
+        // encoder the uncalibrated one skips the zero-shot pass, and the logits and CAC stages
+        // would then time half the products and a contrast of zero.
+        prepared.push(prepare(&mut classifiers[CAC], &frames, &used_paths, &config, batch_size, all_variants.len())?);
     }
 
     // The rounds: variants round-robin, the starting one rotated every round.
