@@ -33,12 +33,14 @@ def probability_contrast(l_ft, l_zs):
     return np.abs(softmax(l_ft, 1.0) - softmax(l_zs, 1.0)).sum(axis=1)
 
 
-def cac_weight(contrast, alpha, k, thresholds=None):
+def cac_weight(contrast, alpha, k, thresholds=None, sign=-1):
+    """α·exp(−d/k), the runtime's map. `sign=+1` is a candidate reading studied in
+    onnx/EVIDENCE.md (trust the fine-tuned model *more* the further it moved), not in the runtime."""
     d = np.asarray(contrast, np.float64)
     if thresholds is not None:
         lo, hi = thresholds
         d = np.where(d < lo, 0.0, np.where(d > hi, hi, d))
-    return alpha * np.exp(-d / k)
+    return alpha * np.exp(np.clip(sign * d / k, -745.0, 700.0))
 
 
 def weights(method: dict, l_ft, l_zs, dac_factors) -> np.ndarray:
@@ -52,7 +54,9 @@ def weights(method: dict, l_ft, l_zs, dac_factors) -> np.ndarray:
         return np.asarray(dac_factors, np.float64)[argmax(l_ft)]
     if kind == "cac":
         contrast = logit_contrast(l_ft, l_zs) if method["distance"] == "logits" else probability_contrast(l_ft, l_zs)
-        return cac_weight(contrast, method["alpha"], method["k"], method.get("thresholds"))
+        w = cac_weight(contrast, method["alpha"], method["k"], method.get("thresholds"), method.get("sign", -1))
+        # "stacked on TS" (a candidate reading, onnx/EVIDENCE.md): the CAC weight times 1/T
+        return w / method["temperature"] if method.get("over_ts") else w
     raise ValueError(kind)
 
 
@@ -108,3 +112,29 @@ def fit_temperature(l_ft: np.ndarray, labels: np.ndarray) -> float:
     res = minimize_scalar(lambda lt: nll(softmax(l_ft, np.exp(-lt)), labels), bounds=(np.log(0.05), np.log(50.0)),
                           method="bounded", options={"xatol": 1e-6})
     return float(np.exp(res.x))
+
+
+def ace(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE over equal-mass bins, as uncertainty-calibration's `get_ece_em` and the
+    runtime's `adaptive_calibration_error`: the sorted confidences cut like `np.array_split`,
+    inner edges at midpoints, duplicate edges merged, bins (lo, hi]."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    s = np.sort(conf)
+    parts = min(bins, len(s))
+    size, larger = divmod(len(s), parts)
+    starts = [p * size + min(p, larger) for p in range(1, parts)]
+    uppers = np.unique(np.r_[[(s[i - 1] + s[i]) / 2.0 for i in starts], 1.0])
+    idx = np.searchsorted(uppers, conf, side="left")
+    total = 0.0
+    for b in range(len(uppers)):
+        m = idx == b
+        if m.any():
+            total += m.sum() * abs(correct[m].mean() - conf[m].mean())
+    return total / len(labels)
+
+
+def nll_clipped(probs, labels):
+    """Mean NLL as scikit-learn's `log_loss` (probability of the true class clipped to [eps, 1 - eps])."""
+    eps = np.finfo(np.float64).eps
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1 - eps)).mean())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from multiprocessing import Pool
@@ -11,14 +12,18 @@ import open_clip
 import torch
 from PIL import Image
 
-import world
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.environ.get("MINIWORLD_WORK", os.path.join(HERE, "work"))
+# The world (a module with ALL_CLASSES, pretrain_seen/heldout, render, caption) and the model
+# config are chosen per process: the demo uses the defaults, onnx/miniworld/evidence.py sets
+# MINIWORLD_WORLD / MINIWORLD_MODEL_CONFIG before importing this module (workers inherit them).
+world = importlib.import_module(os.environ.get("MINIWORLD_WORLD", "world"))
 MODEL_NAME = "miniworld-tiny-clip"
-CONFIG_PATH = os.path.join(HERE, f"{MODEL_NAME}.json")
-IMAGE_SIZE = 32
-CONTEXT_LENGTH = 16
+CONFIG_PATH = os.environ.get("MINIWORLD_MODEL_CONFIG", os.path.join(HERE, f"{MODEL_NAME}.json"))
+with open(CONFIG_PATH) as _f:
+    _CONFIG = json.load(_f)
+IMAGE_SIZE = _CONFIG["vision_cfg"]["image_size"]
+CONTEXT_LENGTH = _CONFIG["text_cfg"]["context_length"]
 MEAN = np.array(open_clip.OPENAI_DATASET_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
 STD = np.array(open_clip.OPENAI_DATASET_STD, dtype=np.float32).reshape(1, 3, 1, 1)
 

@@ -1,7 +1,8 @@
 """Stage 2: CoOp (and KgCoOp) prompt learning on base classes, CLIP frozen, logit scale fixed.
 
-Class-agnostic context of 4 tokens, initialised from the embeddings of "a photo of a" (as the
-CoOp/CoCoOp base-to-new setting does). Prompt = [SOS] ctx_1..ctx_4 [class-name tokens] "." [EOS],
+Class-agnostic context of n_ctx tokens: 4 (the demo) initialised from the embeddings of "a photo
+of a" (as the CoOp/CoCoOp base-to-new setting does); any other n_ctx (16 is CoOp's default)
+initialised as CoOp does without CTX_INIT, N(0, 0.02) (seeded). Prompt = [SOS] ctx_1..ctx_4 [class-name tokens] "." [EOS],
 built exactly as the exported fine-tuned text graph builds it from the ids of "X X X X {}.".
 KgCoOp adds lambda * mean_c ||w_c - w_c^zs||^2 over the (normalised) base-class text features.
 The learned context is saved in the project's prompt-learner format (safetensors, tensor `ctx`
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -22,26 +22,29 @@ import common
 
 N_CTX = 4
 CTX_INIT = "a photo of a"
-FT_TEMPLATE = " ".join(["X"] * N_CTX) + " {}."
 ZS_TEMPLATE = "a photo of a {}."
 
 
 class PromptLearner(torch.nn.Module):
-    def __init__(self, clip):
+    def __init__(self, clip, n_ctx: int = N_CTX):
         super().__init__()
         self.clip = clip
+        self.n_ctx = n_ctx
         for p in clip.parameters():
             p.requires_grad_(False)
-        ids = common.tokenize([CTX_INIT])[0]
-        with torch.no_grad():
-            init = clip.token_embedding(ids[1:1 + N_CTX]).clone()
+        if n_ctx == N_CTX:
+            ids = common.tokenize([CTX_INIT])[0]
+            with torch.no_grad():
+                init = clip.token_embedding(ids[1:1 + N_CTX]).clone()
+        else:  # CoOp's random initialisation (torch.manual_seed is set by train())
+            init = torch.empty(n_ctx, clip.token_embedding.weight.shape[1]).normal_(std=0.02)
         self.ctx = torch.nn.Parameter(init)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         clip = self.clip
         x = clip.token_embedding(ids)
         ctx = self.ctx.unsqueeze(0).expand(ids.shape[0], -1, -1)
-        x = torch.cat([x[:, :1], ctx, x[:, 1 + N_CTX:]], dim=1)
+        x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
         x = x + clip.positional_embedding
         x = clip.transformer(x, attn_mask=clip.attn_mask)
         x = clip.ln_final(x)
@@ -49,8 +52,12 @@ class PromptLearner(torch.nn.Module):
         return x @ clip.text_projection
 
 
-def ft_ids(classes):
-    return common.tokenize([FT_TEMPLATE.format(c) for c in classes])
+def ft_template(n_ctx: int = N_CTX) -> str:
+    return " ".join(["X"] * n_ctx) + " {}."
+
+
+def ft_ids(classes, n_ctx: int = N_CTX):
+    return common.tokenize([ft_template(n_ctx).format(c) for c in classes])
 
 
 def zs_ids(classes):
@@ -58,12 +65,13 @@ def zs_ids(classes):
 
 
 def train(clip, image_features: torch.Tensor, labels: torch.Tensor, classes: list[str], seed: int,
-          method: str = "coop", epochs: int = 100, batch: int = 32, lr: float = 2e-3, kg_lambda: float = 8.0):
+          method: str = "coop", epochs: int = 100, batch: int = 32, lr: float = 2e-3, kg_lambda: float = 8.0,
+          n_ctx: int = N_CTX):
     """image_features: normalised [N, D] (frozen image encoder); labels index `classes`."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    learner = PromptLearner(clip)
-    ids = ft_ids(classes)
+    learner = PromptLearner(clip, n_ctx)
+    ids = ft_ids(classes, n_ctx)
     with torch.no_grad():
         zs = F.normalize(clip.encode_text(zs_ids(classes)), dim=-1)
     scale = clip.logit_scale.exp().item()

@@ -20,7 +20,7 @@ import calib
 import common
 import coop
 import maple
-import world
+from common import world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPORT = os.path.join(ROOT, "onnx", "export.py")

@@ -21,7 +21,7 @@ import open_clip
 import torch
 
 import common
-import world
+from common import world
 
 
 def main(argv=None):
