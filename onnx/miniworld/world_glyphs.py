@@ -17,6 +17,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from world import article, image_rng  # noqa: F401  (image_rng is part of a world's interface)
+
 NAME = "glyphs"
 FONT_DIR = "/usr/share/fonts/truetype/dejavu"
 LETTERS = ["a", "b", "e", "g", "k", "m", "r", "s", "t", "y"]
@@ -186,10 +188,6 @@ def render(cls: str, rng: random.Random) -> tuple[Image.Image, dict]:
     return Image.open(io.BytesIO(jpeg)).convert("RGB"), attrs
 
 
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 TEMPLATES = [  # prefixes of at most 3 tokens: "a photo of a large bold italic sans-serif letter k" is 14
     "a photo of {a} {x}.", "{a} {x}.", "a picture of {a} {x}.", "an image of {a} {x}.",
     "a scan of {a} {x}.", "a print of {a} {x}.", "a rendering of {a} {x}.", "a sample of {a} {x}.",
@@ -225,6 +223,3 @@ def caption(cls: str, attrs: dict, rng: random.Random) -> str:
     a = rng.choice([article(x), "a"]) if rng.random() < 0.2 else article(x)
     return template.format(a=a, x=x)
 
-
-def image_rng(seed: int, cls: str, index: int, stream: str) -> random.Random:
-    return random.Random(f"{seed}/{stream}/{cls}/{index}")

@@ -17,6 +17,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
+from world import article, image_rng  # noqa: F401  (image_rng is part of a world's interface)
+
 NAME = "scenes"
 OBJECTS = ["car", "tree", "house", "boat", "fish", "bird", "cup", "key", "umbrella", "chair"]
 BACKGROUNDS = {  # background -> preposition in the class name
@@ -246,10 +248,6 @@ def render(cls: str, rng: random.Random) -> tuple[Image.Image, dict]:
     return Image.open(io.BytesIO(jpeg)).convert("RGB"), attrs
 
 
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 TEMPLATES = [
     "a photo of {a} {x}.", "{a} {x}.", "a picture of {a} {x}.", "an image of {a} {x}.",
     "a drawing of {a} {x}.", "a rendering of {a} {x}.", "a close-up photo of {a} {x}.",
@@ -278,6 +276,3 @@ def caption(cls: str, attrs: dict, rng: random.Random) -> str:
     a = rng.choice([article(x), "a"]) if rng.random() < 0.2 else article(x)
     return template.format(a=a, x=x)
 
-
-def image_rng(seed: int, cls: str, index: int, stream: str) -> random.Random:
-    return random.Random(f"{seed}/{stream}/{cls}/{index}")
