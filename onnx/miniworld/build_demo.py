@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
-import world  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 DEMO = os.path.join(ROOT, "onnx", "demo")
@@ -65,14 +63,7 @@ def stage(name):
 
 
 def split_classes(s: int):
-    rng = random.Random(f"miniworld-split-{s}")
-    seen = world.pretrain_seen()
-    held = world.pretrain_heldout()
-    rng.shuffle(seen)
-    rng.shuffle(held)
-    order = {c: i for i, c in enumerate(world.ALL_CLASSES)}
-    srt = lambda xs: sorted(xs, key=order.get)  # noqa: E731
-    return srt(seen[:N_BASE]), srt(held[:N_VALNEW]), srt(held[N_VALNEW:N_VALNEW + N_TESTNEW])
+    return common.class_split(f"miniworld-split-{s}", N_BASE, N_VALNEW, N_TESTNEW)
 
 
 def sha256(path):
@@ -108,10 +99,7 @@ def main(argv=None):
         pre_info = json.load(f)
 
     with stage("2 render evaluation images"):
-        sets = {}
-        for stream, per in (("shots", SHOTS), ("val", N_VAL), ("test", N_TEST)):
-            u8, lab, _ = common.render_set(world.ALL_CLASSES, per, 1, stream)
-            sets[stream] = (common.to_pixel_values(u8), lab)
+        sets = common.render_evaluation_sets(SHOTS, N_VAL, N_TEST)
 
     import evaluate
     results = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import random
 from multiprocessing import Pool
 
 import numpy as np
@@ -88,3 +89,26 @@ def render_set(classes: list[str], per_class: int, seed: int, stream: str, worke
     with Pool(workers) as pool:
         out = pool.map(_render_one, jobs, chunksize=64)
     return np.stack([o[0] for o in out]), labels, [o[1] for o in out]
+
+
+def class_split(key: str, n_base: int, n_valnew: int, n_testnew: int):
+    """One class split of the current world, a pure function of `key`: base classes drawn from
+    the pretraining-seen ones, validation-new and test-new (disjoint) from the held-out ones, each
+    in ALL_CLASSES order."""
+    rng = random.Random(key)
+    seen, held = world.pretrain_seen(), world.pretrain_heldout()
+    rng.shuffle(seen)
+    rng.shuffle(held)
+    order = {c: i for i, c in enumerate(world.ALL_CLASSES)}
+    srt = lambda xs: sorted(xs, key=order.get)  # noqa: E731
+    return srt(seen[:n_base]), srt(held[:n_valnew]), srt(held[n_valnew:n_valnew + n_testnew])
+
+
+def render_evaluation_sets(shots: int, val: int, test: int) -> dict:
+    """The evaluation images of every class of the current world (seed 1): {"shots", "val",
+    "test"} -> (pixel values [N,3,S,S], labels indexing ALL_CLASSES)."""
+    sets = {}
+    for stream, per in (("shots", shots), ("val", val), ("test", test)):
+        u8, lab, _ = render_set(world.ALL_CLASSES, per, 1, stream)
+        sets[stream] = (to_pixel_values(u8), lab)
+    return sets

@@ -101,23 +101,10 @@ def configure(world_name: str):
 
 
 def split_classes(world, s: int, n_base: int):
-    import random
-    rng = random.Random(f"evidence-split-{s}")
-    seen, held = world.pretrain_seen(), world.pretrain_heldout()
-    rng.shuffle(seen)
-    rng.shuffle(held)
-    order = {c: i for i, c in enumerate(world.ALL_CLASSES)}
-    srt = lambda xs: sorted(xs, key=order.get)  # noqa: E731
-    return srt(seen[:n_base]), srt(held[:N_VALNEW]), srt(held[N_VALNEW:N_VALNEW + N_TESTNEW])
-
-
-def evaluation_sets(world):
+    """Split `s` of `world` (the world common.py was pointed at by configure)."""
     import common
-    sets = {}
-    for stream, per in (("shots", SHOTS), ("val", N_VAL), ("test", N_TEST)):
-        u8, lab, _ = common.render_set(world.ALL_CLASSES, per, 1, stream)
-        sets[stream] = (common.to_pixel_values(u8), lab)
-    return sets
+    assert common.world is world
+    return common.class_split(f"evidence-split-{s}", n_base, N_VALNEW, N_TESTNEW)
 
 
 def run_world(name: str):
@@ -135,7 +122,7 @@ def run_world(name: str):
         pretrain.main(["--out", ckpt, "--steps", str(PRETRAIN_STEPS), "--per-class", str(PRETRAIN_PER_CLASS), "--threads", "1"])
     with open(os.path.join(common.WORK, "pretrained.json")) as f:
         pre_info = {k: v for k, v in json.load(f).items() if k != "history"}
-    sets = evaluation_sets(world)
+    sets = common.render_evaluation_sets(SHOTS, N_VAL, N_TEST)
     clip = evaluate.load_clip(ckpt)
     knobs, tried = select_knobs(world, clip, sets)
     print(f"[{name}] knobs {knobs} ({len(tried)} tried) {time.time() - t0:.0f}s", flush=True)
@@ -290,7 +277,7 @@ def check_reproducible(name: str):
     import evaluate
     meta = load_world(name)
     sp = meta["splits"][0]
-    sets = evaluation_sets(common.world)
+    sets = common.render_evaluation_sets(SHOTS, N_VAL, N_TEST)
     clip = evaluate.load_clip(os.path.join(common.WORK, "pretrained.pt"))
     r = train_and_export(name, 0, sp["base"], sp["valnew"], sp["testnew"], clip, os.path.join(common.WORK, "pretrained.pt"),
                          sets, meta["knobs"], [], wdir=os.path.join(common.WORK, "repro-split0"))
@@ -708,7 +695,7 @@ def crosscheck_section(cc):
     return L
 
 
-def verdicts(worlds, sigs, chosen_label):
+def verdicts(worlds, sigs):
     """Plain sentences read off the significance tables (pooled over worlds and methods)."""
     L = []
     for a, b in COMPARISONS:
@@ -782,7 +769,7 @@ def report(run_crosscheck=True, demo=False):
                 label = METHOD_NAMES[m] + ("" if c == "none" else f" + {c}")
                 cells.append(ms([p["ece"] for p in rows[label]]))
         L.append(f"| {w['world']} | " + " | ".join(cells) + " |")
-    L += ["", "What the significance tables say, pooled:", ""] + verdicts(worlds, sigs, describe(chosen)) + [""]
+    L += ["", "What the significance tables say, pooled:", ""] + verdicts(worlds, sigs) + [""]
     for w in worlds:
         L += [f"## World: {w['world']}", "",
               f"Pretraining: {w['pretrain']['steps']} steps × batch {w['pretrain']['batch']}, final logit scale "
